@@ -1,0 +1,19 @@
+"""raftsync: distributed Data, Leader, Lock (and more) for a group of Python peers.
+
+The nodes form a Raft group (PySyncObj) and share one deterministic state machine;
+there is no external coordinator. See DESIGN.md in the repository for the contract.
+"""
+
+from .data import Data, Record
+from .errors import (BadRequest, Closed, Compacted, ConfigError, Conflict, LockTimeout, NoQuorum, NotFound,
+                     NotHeld, RaftsyncError, SessionExpired, Timeout, TooLarge)
+from .node import Node
+from .session import Session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Node", "Session", "Data", "Record",
+    "RaftsyncError", "BadRequest", "Closed", "Compacted", "ConfigError", "Conflict", "LockTimeout",
+    "NoQuorum", "NotFound", "NotHeld", "SessionExpired", "Timeout", "TooLarge",
+]

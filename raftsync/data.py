@@ -1,0 +1,104 @@
+"""Data: the replicated key/value map.
+
+Guarantees
+- Writes and deletes are committed through the Raft log before they return; each is
+  applied exactly once even when retried after a lost reply.
+- ``read(consistency="linearizable")`` (the default) sees every write acknowledged
+  before the read began, on any node: it waits for a barrier entry proposed after the
+  read started. Concurrent reads on one node share a barrier.
+- ``consistency="local"`` answers from this node's replica at once and may be stale.
+- ``version`` counts writes to a key since it was created; ``revision`` is the
+  cluster-wide index of the key's last change. ``if_version`` makes a write or delete
+  a compare-and-set (``0``: the key must not exist); a failed check raises Conflict.
+
+Failure modes
+- A write that raises Timeout has an unknown outcome: it may still apply.
+- Without a quorum for ``quorum_timeout`` calls raise NoQuorum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .codec import Op, Query, Status, check_key, check_value, encode_query
+from .errors import BadRequest, NotFound
+from .replica import Replica, raise_for_status
+
+
+@dataclass(frozen=True)
+class Record:
+    """One key's value as of a read or write."""
+
+    key: str
+    value: bytes
+    version: int
+    revision: int
+    expires_at: float | None = None
+
+
+def _check_version(if_version: Any) -> int | None:
+    if if_version is None:
+        return None
+    if isinstance(if_version, bool) or not isinstance(if_version, int) or if_version < 0:
+        raise BadRequest("if_version must be a non-negative int (0: the key must not exist)")
+    return if_version
+
+
+class Data:
+    """A view of the KV map; keys are prefixed with ``prefix`` in the cluster."""
+
+    def __init__(self, replica: Replica, prefix: str = "") -> None:
+        if not isinstance(prefix, str):
+            raise BadRequest("prefix must be str")
+        self._replica = replica
+        self.prefix = prefix
+
+    def _full(self, key: Any) -> str:
+        check_key(key)
+        return check_key(self.prefix + key)
+
+    def _record(self, item: list[Any]) -> Record:
+        key, value, version, revision = item
+        return Record(key[len(self.prefix):], value, version, revision)
+
+    def write(self, key: str, value: bytes, if_version: int | None = None,
+              timeout: float | None = None) -> Record:
+        """Set ``key`` to ``value``; returns the new Record. Raises Conflict if ``if_version`` fails."""
+        full, value, if_version = self._full(key), check_value(value), _check_version(if_version)
+        session = self._replica.default_session(timeout)
+        status, payload = self._replica.submit(session, Op.KV_PUT, [full, value, if_version], timeout,
+                                               f"write {key!r}")
+        raise_for_status(status, payload, f"write {key!r}")
+        revision, version = payload
+        return Record(key, value, version, revision)
+
+    def read(self, key: str, consistency: str = "linearizable", timeout: float | None = None) -> Record:
+        """Return the key's Record; raises NotFound."""
+        full = self._full(key)
+        status, payload = self._replica.query(encode_query(Query.KV_GET, [full]), consistency, timeout)
+        if status == Status.NOT_FOUND:
+            raise NotFound(key)
+        raise_for_status(status, payload, f"read {key!r}")
+        return self._record(payload)
+
+    def delete(self, key: str, if_version: int | None = None, timeout: float | None = None) -> int:
+        """Delete ``key``; returns the revision of the delete. Raises NotFound or Conflict."""
+        full, if_version = self._full(key), _check_version(if_version)
+        session = self._replica.default_session(timeout)
+        status, payload = self._replica.submit(session, Op.KV_DELETE, [full, if_version], timeout,
+                                               f"delete {key!r}")
+        if status == Status.NOT_FOUND:
+            raise NotFound(key)
+        raise_for_status(status, payload, f"delete {key!r}")
+        return payload[0]
+
+    def dump(self, prefix: str = "", consistency: str = "linearizable",
+             timeout: float | None = None) -> list[Record]:
+        """All records whose key starts with ``prefix``, in key order."""
+        if not isinstance(prefix, str):
+            raise BadRequest("prefix must be str")
+        status, payload = self._replica.query(encode_query(Query.KV_RANGE, [self.prefix + prefix]),
+                                              consistency, timeout)
+        raise_for_status(status, payload, "dump")
+        return [self._record(item) for item in payload]

@@ -1,0 +1,266 @@
+"""The deterministic replicated state machine.
+
+Pure Python with no PySyncObj import: no clock, no randomness, no I/O, and ``apply``
+never raises. Every replica applies the same command bytes in the same order and so
+ends in the same state and returns the same result bytes. Time enters only through
+commands (the Raft leader proposes expiries from its own monotonic clock).
+
+``index`` counts applied commands; it is the revision of KV changes and the fencing
+token of lock grants, so both strictly increase across the cluster.
+
+``apply`` may append *effects* to a list the caller passes in: what changed that a
+node may want to tell its application (a lock granted, a session ended, a keepalive
+seen). Effects are not state; they are recomputed by every replica as it applies.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import msgpack
+
+from ..codec import (MAX_KEY_BYTES, MAX_NAME_BYTES, MAX_VALUE_BYTES, Op, Query, Status, decode_command,
+                     decode_query, encode_result)
+from .kv import KeyValue
+from .locks import Locks
+from .sessions import MAX_TTL_MS, MIN_TTL_MS, Sessions
+
+SNAPSHOT_VERSION = 1
+
+
+class _Invalid(Exception):
+    """Raised by argument checks inside handlers; turned into BAD_COMMAND by apply."""
+
+
+def _str_arg(value: Any, limit: int, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value.encode("utf-8")) > limit:
+        raise _Invalid(f"{what} must be a non-empty str of at most {limit} bytes")
+    return value
+
+
+def _int_arg(value: Any, what: str, minimum: int = 0) -> int:
+    if type(value) is not int or value < minimum:
+        raise _Invalid(f"{what} must be an int >= {minimum}")
+    return value
+
+
+def _optional_version(value: Any) -> int | None:
+    if value is None:
+        return None
+    return _int_arg(value, "if_version")
+
+
+OK = encode_result(Status.OK)
+
+
+class StateMachine:
+    def __init__(self) -> None:
+        self.index = 0
+        self.sessions = Sessions()
+        self.kv = KeyValue()
+        self.locks = Locks()
+        self._session_free: dict[int, Callable[[list[Any], list], bytes]] = {
+            Op.KEEPALIVE: self._keepalive,
+            Op.EXPIRE_SESSION: self._expire_session,
+            Op.BARRIER: self._barrier,
+        }
+        self._session_bound: dict[int, Callable[[int, list[Any], list], bytes]] = {
+            Op.CLOSE_SESSION: self._close_session,
+            Op.KV_PUT: self._kv_put,
+            Op.KV_DELETE: self._kv_delete,
+            Op.LOCK_ACQUIRE: self._lock_acquire,
+            Op.LOCK_RELEASE: self._lock_release,
+            Op.LOCK_WITHDRAW: self._lock_withdraw,
+        }
+
+    # -- commands ---------------------------------------------------------------------
+
+    def apply(self, command: bytes, effects: list | None = None) -> bytes:
+        """Apply one committed command and return its result bytes. Never raises."""
+        self.index += 1
+        if effects is None:
+            effects = []
+        try:
+            op, session_id, seq, acked_below, args = decode_command(command)
+        except Exception as exc:  # malformed input is a result, never an exception
+            return encode_result(Status.BAD_COMMAND, f"malformed command: {exc}")
+        try:
+            if op == Op.OPEN_SESSION:
+                return self._open_session(session_id, args, effects)
+            free = self._session_free.get(op)
+            if free is not None:
+                return free(args, effects)
+            bound = self._session_bound.get(op)
+            if bound is None:
+                return encode_result(Status.BAD_COMMAND, f"unknown op {op}")
+            session = self.sessions.get(session_id)
+            if session is None:
+                return encode_result(Status.SESSION_EXPIRED)
+            session.ack(acked_below)
+            if seq < session.acked_below:
+                return encode_result(Status.STALE)
+            cached = session.results.get(seq)
+            if cached is not None:
+                return cached
+            result = bound(session_id, args, effects)
+            if op != Op.CLOSE_SESSION:
+                session.remember(seq, result)
+            return result
+        except _Invalid as exc:
+            return encode_result(Status.BAD_COMMAND, str(exc))
+        except Exception as exc:  # a bug must not stop the log: same answer on every replica
+            return encode_result(Status.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _open_session(self, session_id: int, args: list[Any], effects: list) -> bytes:
+        if session_id == 0 or len(args) != 1:
+            raise _Invalid("OPEN_SESSION takes [ttl_ms] and a non-zero session id")
+        ttl_ms = _int_arg(args[0], "ttl_ms", MIN_TTL_MS)
+        if ttl_ms > MAX_TTL_MS:
+            raise _Invalid(f"ttl_ms must be at most {MAX_TTL_MS}")
+        existing = self.sessions.get(session_id)
+        record = self.sessions.open(session_id, ttl_ms, self.index)
+        if record is None:
+            return encode_result(Status.SESSION_EXPIRED)
+        if existing is None:
+            effects.append(("session_opened", session_id, ttl_ms, self.index))
+        return encode_result(Status.OK, [record.ttl_ms])
+
+    def _keepalive(self, args: list[Any], effects: list) -> bytes:
+        if len(args) != 1 or not isinstance(args[0], list):
+            raise _Invalid("KEEPALIVE takes [[session_id, ...]]")
+        missing = []
+        for session_id in args[0]:
+            if type(session_id) is not int:
+                raise _Invalid("session ids are ints")
+        for session_id in args[0]:
+            if self.sessions.keepalive(session_id, self.index):
+                effects.append(("keepalive", session_id, self.index))
+            else:
+                missing.append(session_id)
+        return encode_result(Status.OK, missing)
+
+    def _expire_session(self, args: list[Any], effects: list) -> bytes:
+        if len(args) != 2:
+            raise _Invalid("EXPIRE_SESSION takes [session_id, keepalive_index]")
+        session_id = _int_arg(args[0], "session_id")
+        expected = _int_arg(args[1], "keepalive_index")
+        record = self.sessions.get(session_id)
+        if record is None or record.keepalive_index != expected:
+            return encode_result(Status.STALE)
+        self._end_session(session_id, "expired", effects)
+        return OK
+
+    def _close_session(self, session_id: int, args: list[Any], effects: list) -> bytes:
+        self._end_session(session_id, "closed", effects)
+        return OK
+
+    def _end_session(self, session_id: int, reason: str, effects: list) -> None:
+        self.locks.end_session(session_id, self.index, effects)
+        self.sessions.remove(session_id)
+        effects.append(("session_ended", session_id, reason))
+
+    def _barrier(self, args: list[Any], effects: list) -> bytes:
+        return encode_result(Status.OK, self.index)
+
+    def _kv_put(self, session_id: int, args: list[Any], effects: list) -> bytes:
+        if len(args) != 3:
+            raise _Invalid("KV_PUT takes [key, value, if_version]")
+        key = _str_arg(args[0], MAX_KEY_BYTES, "key")
+        value = args[1]
+        if not isinstance(value, bytes) or len(value) > MAX_VALUE_BYTES:
+            raise _Invalid(f"value must be bytes of at most {MAX_VALUE_BYTES}")
+        ok, payload = self.kv.put(key, value, _optional_version(args[2]), self.index)
+        if not ok:
+            return encode_result(Status.CONFLICT, payload)
+        effects.append(("kv_put", key, self.index))
+        return encode_result(Status.OK, payload)
+
+    def _kv_delete(self, session_id: int, args: list[Any], effects: list) -> bytes:
+        if len(args) != 2:
+            raise _Invalid("KV_DELETE takes [key, if_version]")
+        key = _str_arg(args[0], MAX_KEY_BYTES, "key")
+        outcome, payload = self.kv.delete(key, _optional_version(args[1]), self.index)
+        if outcome == "not_found":
+            return encode_result(Status.NOT_FOUND)
+        if outcome == "conflict":
+            return encode_result(Status.CONFLICT, payload)
+        effects.append(("kv_delete", key, self.index))
+        return encode_result(Status.OK, payload)
+
+    def _lock_args(self, args: list[Any], count: int, what: str) -> tuple[str, int]:
+        if len(args) != count:
+            raise _Invalid(what)
+        return _str_arg(args[0], MAX_NAME_BYTES, "lock name"), _int_arg(args[1], "handle id")
+
+    def _lock_acquire(self, session_id: int, args: list[Any], effects: list) -> bytes:
+        name, handle = self._lock_args(args, 3, "LOCK_ACQUIRE takes [name, handle, wait]")
+        if not isinstance(args[2], bool):
+            raise _Invalid("wait must be a bool")
+        token = self.locks.acquire(name, (session_id, handle), args[2], self.index, effects)
+        return encode_result(Status.OK, token)
+
+    def _lock_release(self, session_id: int, args: list[Any], effects: list) -> bytes:
+        name, handle = self._lock_args(args, 3, "LOCK_RELEASE takes [name, handle, token]")
+        token = _int_arg(args[2], "token")
+        if not self.locks.release(name, (session_id, handle), token, self.index, effects):
+            return encode_result(Status.NOT_HELD)
+        return OK
+
+    def _lock_withdraw(self, session_id: int, args: list[Any], effects: list) -> bytes:
+        name, handle = self._lock_args(args, 2, "LOCK_WITHDRAW takes [name, handle]")
+        return encode_result(Status.OK, self.locks.withdraw(name, (session_id, handle), self.index, effects))
+
+    # -- queries ----------------------------------------------------------------------
+
+    def query(self, query: bytes) -> bytes:
+        """Answer a read-only query against the current state. Never raises."""
+        try:
+            kind, args = decode_query(query)
+            if kind == Query.KV_GET:
+                key = _str_arg(args[0], MAX_KEY_BYTES, "key")
+                record = self.kv.get(key)
+                if record is None:
+                    return encode_result(Status.NOT_FOUND, self.index)
+                return encode_result(Status.OK, record)
+            if kind == Query.KV_RANGE:
+                prefix = args[0]
+                if not isinstance(prefix, str):
+                    raise _Invalid("prefix must be str")
+                return encode_result(Status.OK, self.kv.range(prefix))
+            if kind == Query.SESSION_INFO:
+                record = self.sessions.get(_int_arg(args[0], "session_id"))
+                if record is None:
+                    return encode_result(Status.NOT_FOUND)
+                return encode_result(Status.OK, [record.ttl_ms, record.keepalive_index])
+            if kind == Query.LOCK_INFO:
+                info = self.locks.info(_str_arg(args[0], MAX_NAME_BYTES, "lock name"))
+                return encode_result(Status.OK, info)
+            return encode_result(Status.BAD_COMMAND, f"unknown query {kind}")
+        except (_Invalid, IndexError, ValueError, TypeError) as exc:
+            return encode_result(Status.BAD_COMMAND, str(exc))
+        except Exception as exc:
+            return encode_result(Status.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    # -- snapshots --------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The whole state as msgpack bytes: restore(snapshot()) continues identically."""
+        return msgpack.packb({
+            "v": SNAPSHOT_VERSION,
+            "index": self.index,
+            "sessions": self.sessions.to_state(),
+            "kv": self.kv.to_state(),
+            "locks": self.locks.to_state(),
+        }, use_bin_type=True)
+
+    @classmethod
+    def restore(cls, data: bytes) -> "StateMachine":
+        state = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        if state.get("v") != SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported snapshot version {state.get('v')}")
+        machine = cls()
+        machine.index = state["index"]
+        machine.sessions = Sessions.from_state(state["sessions"])
+        machine.kv = KeyValue.from_state(state["kv"])
+        machine.locks = Locks.from_state(state["locks"])
+        return machine

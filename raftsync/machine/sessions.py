@@ -1,0 +1,109 @@
+"""Sessions in the state machine: liveness leases and exactly-once command results.
+
+A session is opened by a client-chosen id, kept alive by ``KEEPALIVE`` commands and
+ended by ``CLOSE_SESSION`` or by an ``EXPIRE_SESSION`` that the Raft leader proposes
+from its own monotonic clock. An expiry names the keepalive it expects
+(``keepalive_index``): if a keepalive was applied after the leader decided, the expiry
+is stale and ignored, so a racing keepalive always wins.
+
+Each session also keeps the results of its commands with ``seq >= acked_below`` so a
+retried command returns its original result instead of applying twice.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+# Closed session ids are remembered (bounded) so a delayed duplicate OPEN cannot
+# resurrect a session the client was already told it lost.
+TOMBSTONE_CAPACITY = 65536
+# A client that never advances acked_below cannot grow a session without bound.
+MAX_RESULTS_PER_SESSION = 4096
+MIN_TTL_MS = 100
+MAX_TTL_MS = 24 * 3600 * 1000
+
+
+class SessionRecord:
+    __slots__ = ("session_id", "ttl_ms", "keepalive_index", "acked_below", "results")
+
+    def __init__(self, session_id: int, ttl_ms: int, keepalive_index: int) -> None:
+        self.session_id = session_id
+        self.ttl_ms = ttl_ms
+        self.keepalive_index = keepalive_index
+        self.acked_below = 0
+        self.results: dict[int, bytes] = {}
+
+    def ack(self, acked_below: int) -> None:
+        """Forget results the client no longer waits for."""
+        if acked_below > self.acked_below:
+            self.acked_below = acked_below
+            for seq in [s for s in self.results if s < acked_below]:
+                del self.results[seq]
+
+    def remember(self, seq: int, result: bytes) -> None:
+        self.results[seq] = result
+        if len(self.results) > MAX_RESULTS_PER_SESSION:
+            oldest = min(self.results)
+            del self.results[oldest]
+            self.acked_below = max(self.acked_below, oldest + 1)
+
+    def to_state(self) -> list[Any]:
+        return [self.session_id, self.ttl_ms, self.keepalive_index, self.acked_below,
+                sorted(self.results.items())]
+
+    @classmethod
+    def from_state(cls, state: list[Any]) -> "SessionRecord":
+        record = cls(state[0], state[1], state[2])
+        record.acked_below = state[3]
+        record.results = {seq: result for seq, result in state[4]}
+        return record
+
+
+class Sessions:
+    def __init__(self) -> None:
+        self.by_id: dict[int, SessionRecord] = {}
+        self.tombstones: deque[int] = deque()
+        self._tombstone_set: set[int] = set()
+
+    def get(self, session_id: int) -> SessionRecord | None:
+        return self.by_id.get(session_id)
+
+    def open(self, session_id: int, ttl_ms: int, index: int) -> SessionRecord | None:
+        """Open (idempotently). Returns None if the id was used by a session that ended."""
+        if session_id in self._tombstone_set:
+            return None
+        record = self.by_id.get(session_id)
+        if record is None:
+            record = SessionRecord(session_id, ttl_ms, index)
+            self.by_id[session_id] = record
+        return record
+
+    def keepalive(self, session_id: int, index: int) -> bool:
+        record = self.by_id.get(session_id)
+        if record is None:
+            return False
+        record.keepalive_index = index
+        return True
+
+    def remove(self, session_id: int) -> None:
+        if self.by_id.pop(session_id, None) is None:
+            return
+        self.tombstones.append(session_id)
+        self._tombstone_set.add(session_id)
+        if len(self.tombstones) > TOMBSTONE_CAPACITY:
+            self._tombstone_set.discard(self.tombstones.popleft())
+
+    def to_state(self) -> dict[str, Any]:
+        return {"live": [r.to_state() for _, r in sorted(self.by_id.items())],
+                "tombstones": list(self.tombstones)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Sessions":
+        sessions = cls()
+        for item in state["live"]:
+            record = SessionRecord.from_state(item)
+            sessions.by_id[record.session_id] = record
+        sessions.tombstones = deque(state["tombstones"])
+        sessions._tombstone_set = set(sessions.tombstones)
+        return sessions

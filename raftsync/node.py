@@ -1,0 +1,112 @@
+"""Node: the facade an application holds. Config, lifecycle and factories only."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from .config import NodeConfig, load_config
+from .data import Data
+from .errors import Closed, RaftsyncError, Timeout
+from .replica import Replica
+from .session import Session
+
+
+class Node:
+    """A member of a raftsync group.
+
+    ``Node("127.0.0.1:7001", peers=[...], password=..., data_dir=...)``; settings not
+    given as arguments come from ``RAFTSYNC_*`` environment variables, then from
+    ``config_file`` (TOML), then defaults. ``start()`` spawns the engine and returns;
+    ``wait_ready()`` blocks until there is a leader and the default session is open.
+    """
+
+    def __init__(self, self_address: str | None = None, peers: list[str] | None = None, *,
+                 password: str | None = None, data_dir: str | None = None,
+                 session_ttl: float | None = None, engine: str | None = None,
+                 config_file: str | None = None, environ: dict[str, str] | None = None,
+                 **settings: Any) -> None:
+        arguments = dict(self_address=self_address, peers=peers, password=password, data_dir=data_dir,
+                         session_ttl=session_ttl, engine=engine, **settings)
+        self.config: NodeConfig = load_config(arguments, environ, config_file)
+        self._replica = Replica(self.config)
+        self._started = False
+        self._closed = False
+        self._lifecycle = threading.Lock()
+
+    @classmethod
+    def from_env(cls, config_file: str | None = None, **overrides: Any) -> "Node":
+        """A node configured from ``RAFTSYNC_*`` variables (and an optional TOML file)."""
+        return cls(config_file=config_file, **overrides)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> "Node":
+        with self._lifecycle:
+            if self._closed:
+                raise Closed("node is closed")
+            if not self._started:
+                self._replica.start()
+                self._started = True
+        return self
+
+    def wait_ready(self, timeout: float | None = 10.0) -> "Node":
+        """Block until the group has a leader and this node's default session is open."""
+        self._require_started()
+        self._replica.default_session(timeout)
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close this node's sessions (releasing what they hold) and stop its engine."""
+        with self._lifecycle:
+            if self._closed:
+                return
+            self._closed = True
+            if self._started:
+                self._replica.close(timeout)
+
+    def __enter__(self) -> "Node":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _require_started(self) -> None:
+        if self._closed:
+            raise Closed("node is closed")
+        if not self._started:
+            raise RaftsyncError("node is not started: call start() first")
+
+    # -- state ---------------------------------------------------------------------------
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Role, leader, term, commit/applied index and quorum as this node sees them."""
+        self._require_started()
+        return self._replica.status(timeout)
+
+    @property
+    def address(self) -> str:
+        return self.config.self_address
+
+    @property
+    def engine_pid(self) -> int | None:
+        return self._replica.engine_pid
+
+    # -- factories -------------------------------------------------------------------
+
+    def session(self, ttl: float | None = None, timeout: float | None = 10.0) -> Session:
+        """Open a new session (default TTL: the node's ``session_ttl``)."""
+        self._require_started()
+        return self._replica.open_session(self.config.session_ttl if ttl is None else ttl, timeout)
+
+    @property
+    def default_session(self) -> Session:
+        self._require_started()
+        return self._replica.default_session(timeout=0)
+
+    def data(self, prefix: str = "") -> Data:
+        """The KV map, optionally scoped to keys starting with ``prefix``."""
+        self._require_started()
+        return Data(self._replica, prefix)
