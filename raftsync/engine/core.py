@@ -142,6 +142,7 @@ class Engine:
         self._pending_reads: list[tuple[int, bytes]] = []
         self._barrier_in_flight = False
         self._drop_replies = 0
+        self._dropped_replies = 0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -274,6 +275,7 @@ class Engine:
                 if error == FAIL_REASON.SUCCESS:
                     if self._drop_replies > 0:
                         self._drop_replies -= 1
+                        self._dropped_replies += 1
                         return
                     self._send([Msg.RESULT, request_id, result])
                 else:
@@ -459,6 +461,7 @@ class Engine:
             "machine_index": self.machine.index,
             "sessions": len(self.machine.sessions.by_id),
             "engine_pid": os.getpid(),
+            "dropped_replies": self._dropped_replies,
         }
 
 

@@ -1,0 +1,152 @@
+"""A node process for tests, demo and bench: a raftsync Node plus a control port.
+
+Started by the launcher as ``python -m cluster.agent`` with the node's settings in
+``RAFTSYNC_*`` variables. It listens on a loopback control port (msgpack frames:
+``[request_id, op, args]`` -> ``[request_id, ok, result_or_error]``) and runs each
+request on its own worker thread, so a blocked ``lock_acquire`` never holds up others.
+It prints one line ``READY <json>`` on stdout once the control port is open.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from raftsync import Node, RaftsyncError
+from raftsync.channel import FrameDecoder, pack_frame
+
+
+class Agent:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.handles: dict[str, Any] = {}
+        self.leases: dict[str, Any] = {}
+        self.events: list[list[Any]] = []
+        self._events_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="agent")
+        self._burners: list[threading.Thread] = []
+
+    def record(self, *event: Any) -> None:
+        with self._events_lock:
+            self.events.append([time.monotonic(), *event])
+
+    # -- ops ---------------------------------------------------------------------------
+
+    def op_ping(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "engine_pid": self.node.engine_pid}
+
+    def op_wait_ready(self, timeout: float = 20.0) -> bool:
+        self.node.wait_ready(timeout)
+        return True
+
+    def op_status(self) -> dict[str, Any]:
+        return self.node.status()
+
+    def op_kv_write(self, key: str, value: bytes, if_version: int | None = None,
+                    timeout: float | None = 10.0) -> list[int]:
+        record = self.node.data().write(key, value, if_version=if_version, timeout=timeout)
+        return [record.version, record.revision]
+
+    def op_kv_read(self, key: str, consistency: str = "linearizable", timeout: float | None = 10.0) -> list[Any]:
+        record = self.node.data().read(key, consistency=consistency, timeout=timeout)
+        return [record.value, record.version, record.revision]
+
+    def op_kv_delete(self, key: str, if_version: int | None = None, timeout: float | None = 10.0) -> int:
+        return self.node.data().delete(key, if_version=if_version, timeout=timeout)
+
+    def op_kv_dump(self, prefix: str = "", consistency: str = "linearizable") -> list[list[Any]]:
+        return [[r.key, r.value, r.version, r.revision] for r in self.node.data().dump(prefix, consistency)]
+
+    def op_drop_replies(self, count: int) -> bool:
+        self.node._replica.test_drop_replies(count)
+        return True
+
+    def op_events(self) -> list[list[Any]]:
+        with self._events_lock:
+            return list(self.events)
+
+    def op_session_id(self) -> int:
+        return self.node.default_session.id
+
+    def op_burn_cpu(self, threads: int, seconds: float) -> bool:
+        """Pure-Python CPU load in this (the app's) process, as a busy application would."""
+        def burn() -> None:
+            end = time.monotonic() + seconds
+            x = 0
+            while time.monotonic() < end:
+                for i in range(10000):
+                    x += i * i
+        for _ in range(threads):
+            thread = threading.Thread(target=burn, daemon=True)
+            thread.start()
+            self._burners.append(thread)
+        return True
+
+    def op_monotonic(self) -> float:
+        return time.monotonic()
+
+    # -- serving -----------------------------------------------------------------------
+
+    def serve(self, listener: socket.socket) -> None:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=self._serve_conn, args=(conn,), daemon=True).start()
+
+    def _serve_conn(self, conn: socket.socket) -> None:
+        send_lock = threading.Lock()
+        decoder = FrameDecoder()
+
+        def reply(message: list[Any]) -> None:
+            with send_lock:
+                try:
+                    conn.sendall(pack_frame(message))
+                except OSError:
+                    pass
+
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            for request_id, op, args in decoder.feed(data):
+                self._pool.submit(self._run, request_id, op, args, reply)
+
+    def _run(self, request_id: int, op: str, args: dict[str, Any], reply: Callable[[list[Any]], None]) -> None:
+        method = getattr(self, f"op_{op}", None)
+        if method is None:
+            reply([request_id, False, ["AgentError", f"unknown op {op}"]])
+            return
+        try:
+            reply([request_id, True, method(**args)])
+        except RaftsyncError as exc:
+            reply([request_id, False, [type(exc).__name__, str(exc)]])
+        except Exception as exc:
+            logging.exception("op %s failed", op)
+            reply([request_id, False, ["AgentError", f"{type(exc).__name__}: {exc}"]])
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s agent[%(process)d] %(levelname)s %(name)s: %(message)s")
+    extra = json.loads(os.environ.get("RAFTSYNC_AGENT_SETTINGS", "{}"))
+    node = Node.from_env(**extra)
+    agent = Agent(node)
+    listener = socket.create_server(("127.0.0.1", 0))
+    node.start()
+    print("READY " + json.dumps({"control_port": listener.getsockname()[1], "pid": os.getpid(),
+                                 "engine_pid": node.engine_pid}), flush=True)
+    agent.serve(listener)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
