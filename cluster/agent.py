@@ -64,6 +64,53 @@ class Agent:
     def op_kv_dump(self, prefix: str = "", consistency: str = "linearizable") -> list[list[Any]]:
         return [[r.key, r.value, r.version, r.revision] for r in self.node.data().dump(prefix, consistency)]
 
+    def _lock(self, handle: str, name: str | None = None, ttl: float | None = None) -> Any:
+        lock = self.handles.get(handle)
+        if lock is None:
+            if name is None:
+                raise KeyError(f"no lock handle {handle!r}")
+            lock = self.handles[handle] = self.node.lock(name, ttl=ttl)
+        return lock
+
+    def op_lock_acquire(self, handle: str, name: str, timeout: float | None = None,
+                        ttl: float | None = None) -> int:
+        lease = self._lock(handle, name, ttl).acquire(timeout=timeout)
+        self.record("granted", handle, lease.token)
+        lease.on_lost(lambda lost: self.record("lost", handle, lost.token))
+        return lease.token
+
+    def op_lock_release(self, handle: str) -> bool:
+        self._lock(handle).release()
+        self.record("released", handle)
+        return True
+
+    def op_lock_state(self, handle: str) -> dict[str, Any]:
+        lock = self._lock(handle)
+        lease = lock._lease
+        return {"held": lock.held, "token": lease.token if lease else 0,
+                "lost": bool(lease and lease.lost.is_set())}
+
+    def op_lock_contend(self, name: str, iterations: int, hold: float = 0.0) -> list[list[float]]:
+        """Acquire/hold/release ``iterations`` times with a fresh handle; returns
+        [token, acquired_at, released_at] per hold (monotonic clock, comparable across
+        processes on one host)."""
+        lock = self.node.lock(name)
+        holds = []
+        for _ in range(iterations):
+            lease = lock.acquire(timeout=60)
+            acquired = time.monotonic()
+            if hold:
+                time.sleep(hold)
+            released = time.monotonic()
+            lock.release()
+            holds.append([lease.token, acquired, released])
+        return holds
+
+    def op_lock_info(self, name: str) -> Any:
+        from raftsync.codec import Query, encode_query
+        status, payload = self.node._replica.query(encode_query(Query.LOCK_INFO, [name]), "linearizable", 10)
+        return payload
+
     def op_drop_replies(self, count: int) -> bool:
         self.node._replica.test_drop_replies(count)
         return True

@@ -76,18 +76,19 @@ class AgentClient:
                     self._waiting[request_id] = [ok, result]
                 self._cond.notify_all()
 
-    def call(self, op: str, timeout: float = 30.0, **args: Any) -> Any:
+    def call(self, op: str, rpc_timeout: float = 120.0, **args: Any) -> Any:
+        """Run ``op(**args)`` on the agent; ``rpc_timeout`` bounds the wait for its answer."""
         request_id = next(self._ids)
         with self._send_lock:
             self._sock.sendall(pack_frame([request_id, op, args]))
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + rpc_timeout
         with self._cond:
             while request_id not in self._waiting:
                 remaining = deadline - time.monotonic()
                 if self._closed:
                     raise AgentError(f"agent connection closed during {op}")
                 if remaining <= 0:
-                    raise AgentError(f"agent did not answer {op} within {timeout}s")
+                    raise AgentError(f"agent did not answer {op} within {rpc_timeout}s")
                 self._cond.wait(remaining)
             ok, result = self._waiting.pop(request_id)
         if ok:
@@ -163,10 +164,10 @@ class NodeProcess:
             raise AgentError(f"node {self.address} did not start within {timeout}s; log:\n{self.log_tail()}")
         return result
 
-    def call(self, op: str, timeout: float = 30.0, **args: Any) -> Any:
+    def call(self, op: str, rpc_timeout: float = 120.0, **args: Any) -> Any:
         if self.client is None:
             raise AgentError(f"node {self.address} is not running")
-        return self.client.call(op, timeout=timeout, **args)
+        return self.client.call(op, rpc_timeout=rpc_timeout, **args)
 
     @property
     def running(self) -> bool:
@@ -251,7 +252,7 @@ class LocalCluster:
     def wait_ready(self, timeout: float = 30.0) -> None:
         for node in self.nodes:
             if node.running:
-                node.call("wait_ready", timeout=timeout + 5)
+                node.call("wait_ready", timeout=timeout, rpc_timeout=timeout + 5)
 
     def leader(self, timeout: float = 10.0) -> NodeProcess:
         """The node whose engine is the Raft leader (as the running nodes agree)."""
@@ -260,7 +261,7 @@ class LocalCluster:
             for node in self.nodes:
                 if node.running:
                     try:
-                        if node.call("status", timeout=5)["role"] == "leader":
+                        if node.call("status", rpc_timeout=5)["role"] == "leader":
                             return node
                     except (errors.RaftsyncError, AgentError):
                         pass

@@ -7,13 +7,14 @@ there is no external coordinator. See DESIGN.md in the repository for the contra
 from .data import Data, Record
 from .errors import (BadRequest, Closed, Compacted, ConfigError, Conflict, LockTimeout, NoQuorum, NotFound,
                      NotHeld, RaftsyncError, SessionExpired, Timeout, TooLarge)
+from .lock import Lease, Lock
 from .node import Node
 from .session import Session
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Node", "Session", "Data", "Record",
+    "Node", "Session", "Data", "Record", "Lock", "Lease",
     "RaftsyncError", "BadRequest", "Closed", "Compacted", "ConfigError", "Conflict", "LockTimeout",
     "NoQuorum", "NotFound", "NotHeld", "SessionExpired", "Timeout", "TooLarge",
 ]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 from .config import NodeConfig, load_config
 from .data import Data
-from .errors import Closed, RaftsyncError, Timeout
+from .errors import Closed, RaftsyncError
+from .lock import Lock
 from .replica import Replica
 from .session import Session
 
@@ -110,3 +110,12 @@ class Node:
         """The KV map, optionally scoped to keys starting with ``prefix``."""
         self._require_started()
         return Data(self._replica, prefix)
+
+    def lock(self, name: str, ttl: float | None = None, session: Session | None = None) -> Lock:
+        """A handle on the distributed lock ``name``.
+
+        ``ttl``: how long after this process goes silent the lock is freed (default: the
+        node's session TTL). ``session``: hold it under an explicit session instead.
+        """
+        self._require_started()
+        return Lock(self._replica, name, ttl=ttl, session=session)

@@ -87,6 +87,10 @@ class Replica:
         self._default: Session | None = None
         self._default_ready = threading.Condition()
         self._listeners: dict[str, list[Callable[[list[Any]], None]]] = {}
+        self._attachments: dict[str, Any] = {}
+        self._attachments_lock = threading.Lock()
+        self._ttl_sessions: dict[float, Session] = {}
+        self._ttl_sessions_lock = threading.Lock()
         self._callbacks: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = threading.Event()
         self._engine_gone = threading.Event()
@@ -236,6 +240,19 @@ class Replica:
         """Run ``listener(effect)`` on the reader thread for each notification of ``kind``.
         Listeners must be quick and must not block."""
         self._listeners.setdefault(kind, []).append(listener)
+
+    def attachment(self, key: str, factory: Callable[["Replica"], Any]) -> Any:
+        """One shared helper object per replica (e.g. a primitive's notification router)."""
+        with self._attachments_lock:
+            item = self._attachments.get(key)
+            if item is None:
+                item = self._attachments[key] = factory(self)
+            return item
+
+    def unavailable_for(self) -> float:
+        """Seconds since the engine last knew a leader with a quorum (0 if it knows one)."""
+        since = self._unavailable_since
+        return 0.0 if since is None else time.monotonic() - since
 
     # -- background threads ----------------------------------------------------------
 
@@ -399,6 +416,20 @@ class Replica:
             self._watchdog_wake.notify_all()
         self._channel.send([Msg.OWN, session.id, int(ttl * 1000)])
         return session
+
+    def session_by_id(self, session_id: int) -> Session | None:
+        with self._sessions_lock:
+            return self._sessions.get(session_id)
+
+    def session_for_ttl(self, ttl: float, timeout: float | None) -> Session:
+        """A shared session with this TTL (for locks given their own ttl), reopened when lost."""
+        if ttl == self.config.session_ttl:
+            return self.default_session(timeout)
+        with self._ttl_sessions_lock:
+            session = self._ttl_sessions.get(ttl)
+            if session is None or session.lost.is_set():
+                session = self._ttl_sessions[ttl] = self.open_session(ttl, timeout)
+            return session
 
     def close_session(self, session: Session, timeout: float | None) -> None:
         if session.lost.is_set():

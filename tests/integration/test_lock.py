@@ -1,0 +1,142 @@
+"""Lock behaviour on real three-process clusters (session TTL 3 s, election 0.4-0.8 s)."""
+
+import signal
+import threading
+import time
+
+import pytest
+
+from cluster.launcher import AgentError
+from raftsync.errors import LockTimeout, NotHeld
+
+TTL = 3.0
+ELECTION_MAX = 0.8
+# Scheduling slack for a loaded 2-core CI box; the bound under test is TTL + election.
+SLACK = 3.0
+
+
+def test_mutual_exclusion_under_contention_and_fifo_tokens(cluster):
+    results = []
+    errors = []
+
+    def contend(node):
+        try:
+            results.extend(node.call("lock_contend", name="shared", iterations=15, hold=0.002))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=contend, args=(node,)) for node in cluster.nodes for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(150)
+    assert not errors
+    assert len(results) == 6 * 15
+    holds = sorted(results, key=lambda h: h[1])
+    for previous, current in zip(holds, holds[1:]):
+        assert previous[2] <= current[1], f"overlapping holds {previous} {current}"
+        assert previous[0] < current[0], f"token order differs from grant order {previous} {current}"
+
+
+def test_handoff_with_eight_waiters_costs_constant_commands(cluster):
+    a, b, c = cluster.nodes
+    first = a.call("lock_acquire", handle="h0", name="fifo")
+    # 8 waiters spread over the three nodes, queued in a known order.
+    waiters = []
+    for i in range(8):
+        node = cluster.nodes[i % 3]
+        done = {}
+        thread = threading.Thread(target=lambda n=node, i=i, d=done: d.setdefault(
+            "token", n.call("lock_acquire", handle=f"w{i}", name="fifo", timeout=60)))
+        thread.start()
+        waiters.append((node, f"w{i}", thread, done))
+        _wait_queued(a, "fifo", i + 1)
+    before = a.call("status")["machine_index"]
+    a.call("lock_release", handle="h0")
+    node0, handle0, thread0, done0 = waiters[0]
+    thread0.join(10)
+    after = a.call("status")["machine_index"]
+    # One release command granted the next waiter; no waiter retried. Allow two
+    # background keepalives that may interleave.
+    assert after - before <= 3, f"hand-off applied {after - before} commands"
+    assert done0["token"] > first
+    assert all(not node.call("lock_state", handle=h)["held"] for node, h, _, _ in waiters[1:])
+    # The rest are served in FIFO order with increasing tokens.
+    tokens = [done0["token"]]
+    node0.call("lock_release", handle=handle0)
+    for node, handle, thread, done in waiters[1:]:
+        thread.join(10)
+        tokens.append(done["token"])
+        node.call("lock_release", handle=handle)
+    assert tokens == sorted(tokens) and len(set(tokens)) == 8
+
+
+def _wait_queued(node, name, count, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = node.call("lock_info", name=name)
+        if info and len(info[2]) >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{count} waiters never queued on {name}")
+
+
+def test_try_lock_timeout_and_release_errors(cluster):
+    a, b, _ = cluster.nodes
+    a.call("lock_acquire", handle="x", name="busy")
+    with pytest.raises(LockTimeout):
+        b.call("lock_acquire", handle="y", name="busy", timeout=0)
+    started = time.monotonic()
+    with pytest.raises(LockTimeout):
+        b.call("lock_acquire", handle="y", name="busy", timeout=0.5)
+    assert time.monotonic() - started >= 0.5
+    # the withdrawn wait left nothing behind: only the holder is recorded
+    info = a.call("lock_info", name="busy")
+    assert info[2] == []
+    with pytest.raises(NotHeld):
+        b.call("lock_release", handle="y")
+    a.call("lock_release", handle="x")
+    assert b.call("lock_acquire", handle="y", name="busy", timeout=5) > 0
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigstop"])
+def test_dead_or_paused_holder_loses_lock_to_waiter(cluster, how):
+    holder, waiter_node, _ = cluster.nodes
+    token = holder.call("lock_acquire", handle="h", name="crash")
+    result = {}
+
+    def wait():
+        # Bound under test: TTL + an election (+ the engine's 1 s app-silence limit when
+        # the app is paused rather than dead), plus scheduling slack.
+        result["token"] = waiter_node.call("lock_acquire", handle="w", name="crash",
+                                           timeout=TTL + ELECTION_MAX + 1.0 + SLACK)
+
+    thread = threading.Thread(target=lambda: _catch(result, wait))
+    thread.start()
+    _wait_queued(waiter_node, "crash", 1)
+    failed_at = time.monotonic()
+    holder.signal_app(signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
+    thread.join(30)
+    assert "error" not in result, result.get("error")
+    assert result["token"] > token
+    granted_at = [e[0] for e in waiter_node.call("events") if e[1] == "granted" and e[2] == "w"][0]
+    # Never sooner than TTL after the holder's last keepalive, which was sent at most
+    # TTL/3 before the failure.
+    assert granted_at - failed_at >= TTL * 2 / 3
+    if how == "sigstop":
+        holder.signal_app(signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while not holder.call("lock_state", handle="h")["lost"]:
+            assert time.monotonic() < deadline, "resumed holder never saw its lease lost"
+            time.sleep(0.05)
+        with pytest.raises(NotHeld):
+            holder.call("lock_release", handle="h")
+    else:
+        assert holder.wait_engine_exit(10)
+
+
+def _catch(result, fn):
+    try:
+        fn()
+    except Exception as exc:
+        result["error"] = exc
