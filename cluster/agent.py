@@ -136,6 +136,12 @@ class Agent:
             self._burners.append(thread)
         return True
 
+    def op_sessions(self) -> list[list[Any]]:
+        """This node's live sessions: [id, ttl, safe_until, lost] (monotonic clock)."""
+        replica = self.node._replica
+        with replica._sessions_lock:
+            return [[s.id, s.ttl, s.safe_until, s.lost.is_set()] for s in replica._sessions.values()]
+
     def op_monotonic(self) -> float:
         return time.monotonic()
 

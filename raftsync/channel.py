@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import msgpack
 
-from .errors import TooLarge
+from .errors import Closed, TooLarge
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 _HEADER = struct.Struct(">I")
@@ -66,6 +66,10 @@ def pack_frame(message: list[Any]) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
+class ChannelClosed(Closed, OSError):
+    """The channel to the engine is closed (the node was closed or its engine exited)."""
+
+
 class FrameDecoder:
     """Incremental decoder: feed bytes, iterate complete messages."""
 
@@ -104,8 +108,11 @@ class BlockingChannel:
         frame = pack_frame(message)
         with self._send_lock:
             if self._closed:
-                raise OSError("channel closed")
-            self._sock.sendall(frame)
+                raise ChannelClosed("channel to the engine is closed")
+            try:
+                self._sock.sendall(frame)
+            except OSError as exc:
+                raise ChannelClosed(f"channel to the engine is closed: {exc}") from None
 
     def recv(self) -> list[Any] | None:
         """Next message, or None at EOF."""

@@ -42,7 +42,8 @@ class Session:
         self._next_seq = 1
         self._in_flight: set[int] = set()
         self._callbacks: list[Callable[["Session"], None]] = []
-        self.safe_until = float("inf")
+        # set by the replica from the OPEN_SESSION send time, then by each acknowledged keepalive
+        self.safe_until = 0.0
 
     # -- command sequencing (used by the replica) --------------------------------------
 

@@ -140,3 +140,56 @@ def _catch(result, fn):
         fn()
     except Exception as exc:
         result["error"] = exc
+
+
+def test_partitioned_holder_sees_lost_before_others_resume_then_waiter_wins(cluster):
+    holder, b, c = cluster.nodes
+    token = holder.call("lock_acquire", handle="h", name="iso")
+    result = {}
+    waiter = threading.Thread(target=lambda: _catch(result, lambda: result.setdefault(
+        "token", b.call("lock_acquire", handle="w", name="iso", timeout=60))))
+    waiter.start()
+    _wait_queued(b, "iso", 1)
+    for node in (b, c):
+        node.signal_group(signal.SIGSTOP)
+    try:
+        # Wait past the TTL on the holder's own clock, then check it noticed in time.
+        deadline = time.monotonic() + TTL + 2.0
+        while not holder.call("lock_state", handle="h")["lost"]:
+            assert time.monotonic() < deadline, "holder never reported its lease lost"
+            time.sleep(0.05)
+        resume_at = time.monotonic()
+    finally:
+        for node in (b, c):
+            node.signal_group(signal.SIGCONT)
+    lost_at = [e[0] for e in holder.call("events") if e[1] == "lost" and e[2] == "h"][0]
+    assert lost_at < resume_at
+    waiter.join(60)
+    assert "error" not in result, result.get("error")
+    assert result["token"] > token
+    with pytest.raises(NotHeld):
+        holder.call("lock_release", handle="h")
+
+
+def test_busy_leader_app_causes_no_election_and_others_keep_committing(cluster):
+    leader = cluster.leader()
+    others = [n for n in cluster.nodes if n is not leader]
+    before = leader.call("status")
+    session_before = leader.call("session_id")
+    leader.call("burn_cpu", threads=4, seconds=20.0)
+    writes = 0
+    deadline = time.monotonic() + 20.0
+    while time.monotonic() < deadline:
+        for node in others:
+            node.call("lock_acquire", handle="busy", name=f"cycle-{node.index}", timeout=10)
+            node.call("lock_release", handle="busy")
+            writes += 1
+    after = leader.call("status")
+    assert after["role"] == "leader" and after["term"] == before["term"], (before, after)
+    for node in others:
+        status = node.call("status")
+        assert status["leader"] == leader.address and status["term"] == before["term"]
+    assert writes > 100
+    # The busy app's own session survived: it stayed alive through the burn.
+    assert leader.call("session_id") == session_before
+    assert not any(e[1] == "lost" for e in leader.call("events"))
