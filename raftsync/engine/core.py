@@ -143,6 +143,7 @@ class Engine:
         self._barrier_in_flight = False
         self._drop_replies = 0
         self._dropped_replies = 0
+        self._snapshots_restored = 0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -349,6 +350,7 @@ class Engine:
 
     def _on_restored(self) -> None:
         """A snapshot replaced the machine: re-derive what the app must know."""
+        self._snapshots_restored += 1
         try:
             sessions = self.machine.sessions.by_id
             now = time.monotonic()
@@ -462,6 +464,7 @@ class Engine:
             "sessions": len(self.machine.sessions.by_id),
             "engine_pid": os.getpid(),
             "dropped_replies": self._dropped_replies,
+            "snapshots_restored": self._snapshots_restored,
         }
 
 
