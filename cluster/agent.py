@@ -49,9 +49,9 @@ class Agent:
     def op_status(self) -> dict[str, Any]:
         return self.node.status()
 
-    def op_kv_write(self, key: str, value: bytes, if_version: int | None = None,
+    def op_kv_write(self, key: str, value: bytes, if_version: int | None = None, ttl: float | None = None,
                     timeout: float | None = 10.0) -> list[int]:
-        record = self.node.data().write(key, value, if_version=if_version, timeout=timeout)
+        record = self.node.data().write(key, value, ttl=ttl, if_version=if_version, timeout=timeout)
         return [record.version, record.revision]
 
     def op_kv_read(self, key: str, consistency: str = "linearizable", timeout: float | None = 10.0) -> list[Any]:
@@ -106,10 +106,57 @@ class Agent:
             holds.append([lease.token, acquired, released])
         return holds
 
-    def op_lock_info(self, name: str) -> Any:
+    def op_lock_info(self, name: str, table: str = "lock") -> Any:
+        """[holder, token, waiters] of a lock (table="leader": of an election), or None."""
         from raftsync.codec import Query, encode_query
-        status, payload = self.node._replica.query(encode_query(Query.LOCK_INFO, [name]), "linearizable", 10)
+        query = Query.LOCK_INFO if table == "lock" else Query.LEADER_QUEUE
+        status, payload = self.node._replica.query(encode_query(query, [name]), "linearizable", 10)
         return payload
+
+    def op_leader_campaign(self, handle: str, group: str, candidate_id: str, value: bytes = b"",
+                           timeout: float | None = None) -> int:
+        election = self.handles.get(handle)
+        if election is None:
+            election = self.handles[handle] = self.node.leader(group)
+        term = election.campaign(candidate_id, value, timeout=timeout)
+        self.record("elected", handle, term.term)
+        term.on_revoked(lambda revoked: self.record("revoked", handle, revoked.term))
+        return term.term
+
+    def op_leader_resign(self, handle: str) -> bool:
+        self.handles[handle].term.resign()
+        return True
+
+    def op_leader_proclaim(self, handle: str, value: bytes) -> bool:
+        self.handles[handle].term.proclaim(value)
+        return True
+
+    def op_leader_current(self, group: str, consistency: str = "linearizable") -> list[Any] | None:
+        info = self.node.leader(group).current(consistency)
+        return None if info is None else [info.id, info.value, info.term]
+
+    def op_observe_start(self, name: str, group: str) -> bool:
+        """Record every leadership change of ``group`` as events ("observed", name, info)."""
+        stream = self.node.leader(group).observe()
+
+        def run() -> None:
+            for info in stream:
+                self.record("observed", name, None if info is None else [info.id, info.value, info.term])
+        threading.Thread(target=run, daemon=True).start()
+        return True
+
+    def op_watch_start(self, name: str, prefix: str, from_revision: int | None = None) -> bool:
+        """Record every change under ``prefix`` as events ("change", name, [rev, key, value, version])."""
+        stream = self.node.data().watch(prefix, from_revision)
+
+        def run() -> None:
+            try:
+                for change in stream:
+                    self.record("change", name, [change.revision, change.key, change.value, change.version])
+            except RaftsyncError as exc:
+                self.record("watch_error", name, type(exc).__name__)
+        threading.Thread(target=run, daemon=True).start()
+        return True
 
     def op_drop_replies(self, count: int) -> bool:
         self.node._replica.test_drop_replies(count)
@@ -144,6 +191,39 @@ class Agent:
 
     def op_monotonic(self) -> float:
         return time.monotonic()
+
+    # -- bench ops (bench/): each times its operations in this app process -------------
+
+    def op_bench_writes(self, count: int, size: int = 100, warmup: int = 20, max_seconds: float = 30.0,
+                        key_prefix: str = "bench/write/") -> dict[str, Any]:
+        """Sequential synchronous ``data().write`` of ``size``-byte values over 1000 keys,
+        each call timed with ``time.perf_counter`` in this app process (see bench.timing)."""
+        from bench.timing import timed_loop
+        data, value = self.node.data(), b"x" * size
+        return timed_loop(lambda i: data.write(f"{key_prefix}{i % 1000}", value, timeout=10),
+                          count, warmup, max_seconds)
+
+    def op_bench_lock_cycles(self, count: int, name: str = "bench/lock", warmup: int = 20,
+                             max_seconds: float = 30.0) -> dict[str, Any]:
+        """Sequential uncontended ``acquire()`` + ``release()`` of one lock handle, each
+        cycle timed with ``time.perf_counter`` in this app process (see bench.timing)."""
+        from bench.timing import timed_loop
+        lock = self.node.lock(name)
+
+        def cycle(_: int) -> None:
+            lock.acquire(timeout=10)
+            lock.release()
+        return timed_loop(cycle, count, warmup, max_seconds)
+
+    def op_bench_reads(self, count: int, consistency: str = "linearizable", warmup: int = 20,
+                       max_seconds: float = 30.0, key: str = "bench/read", size: int = 100) -> dict[str, Any]:
+        """Writes ``key`` once, then sequential ``data().read(key, consistency)``, each
+        timed with ``time.perf_counter`` in this app process (see bench.timing)."""
+        from bench.timing import timed_loop
+        data = self.node.data()
+        data.write(key, b"x" * size, timeout=10)
+        return timed_loop(lambda i: data.read(key, consistency=consistency, timeout=10),
+                          count, warmup, max_seconds)
 
     # -- serving -----------------------------------------------------------------------
 

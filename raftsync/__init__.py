@@ -4,17 +4,20 @@ The nodes form a Raft group (PySyncObj) and share one deterministic state machin
 there is no external coordinator. See DESIGN.md in the repository for the contract.
 """
 
-from .data import Data, Record
+from .data import Change, Data, Record
+from .leader import Election, LeaderInfo, Term
 from .errors import (BadRequest, Closed, Compacted, ConfigError, Conflict, LockTimeout, NoQuorum, NotFound,
                      NotHeld, RaftsyncError, SessionExpired, Timeout, TooLarge)
 from .lock import Lease, Lock
 from .node import Node
 from .session import Session
+from .watch import WatchStream
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Node", "Session", "Data", "Record", "Lock", "Lease",
+    "Node", "Session", "Data", "Record", "Change", "Lock", "Lease", "Election", "Term", "LeaderInfo",
+    "WatchStream",
     "RaftsyncError", "BadRequest", "Closed", "Compacted", "ConfigError", "Conflict", "LockTimeout",
     "NoQuorum", "NotFound", "NotHeld", "SessionExpired", "Timeout", "TooLarge",
 ]

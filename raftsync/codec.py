@@ -39,9 +39,14 @@ class Op(IntEnum):
     BARRIER = 5
     KV_PUT = 10
     KV_DELETE = 11
+    KV_EXPIRE = 12
     LOCK_ACQUIRE = 20
     LOCK_RELEASE = 21
     LOCK_WITHDRAW = 22
+    LEADER_CAMPAIGN = 30
+    LEADER_RESIGN = 31
+    LEADER_WITHDRAW = 32
+    LEADER_PROCLAIM = 33
 
 
 class Query(IntEnum):
@@ -51,6 +56,8 @@ class Query(IntEnum):
     KV_RANGE = 2
     SESSION_INFO = 3
     LOCK_INFO = 4
+    LEADER_INFO = 5
+    LEADER_QUEUE = 6
 
 
 class Status(IntEnum):

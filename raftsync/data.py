@@ -12,17 +12,28 @@ Guarantees
   a compare-and-set (``0``: the key must not exist); a failed check raises Conflict.
 
 Failure modes
+- ``write(..., ttl=s)``: the record is deleted about ``s`` seconds after the write, as
+  measured by the Raft leader's monotonic clock (a leader change restarts the clock,
+  so a record may live up to one TTL longer, never shorter). ``Record.expires_at`` is
+  the reading node's wall-clock estimate, for display.
+- ``watch(prefix, from_revision)`` yields every change under the prefix in commit
+  order, from any node, across leader changes and snapshot installs; a revision that
+  was already trimmed from the bounded history raises Compacted.
 - A write that raises Timeout has an unknown outcome: it may still apply.
 - Without a quorum for ``quorum_timeout`` calls raise NoQuorum.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from .watch import WatchStream
+
 from .codec import Op, Query, Status, check_key, check_value, encode_query
 from .errors import BadRequest, NotFound
+from .session import MAX_TTL, MIN_TTL
 from .replica import Replica, raise_for_status
 
 
@@ -35,6 +46,20 @@ class Record:
     version: int
     revision: int
     expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Change:
+    """One committed change seen by a watch: a write, or a delete/expiry (``deleted``)."""
+
+    key: str
+    value: bytes | None
+    version: int
+    revision: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.value is None
 
 
 def _check_version(if_version: Any) -> int | None:
@@ -59,19 +84,28 @@ class Data:
         return check_key(self.prefix + key)
 
     def _record(self, item: list[Any]) -> Record:
-        key, value, version, revision = item
-        return Record(key[len(self.prefix):], value, version, revision)
+        key, value, version, revision, seconds_left = item
+        expires_at = None if seconds_left is None else time.time() + seconds_left
+        return Record(key[len(self.prefix):], value, version, revision, expires_at)
 
-    def write(self, key: str, value: bytes, if_version: int | None = None,
+    def write(self, key: str, value: bytes, ttl: float | None = None, if_version: int | None = None,
               timeout: float | None = None) -> Record:
-        """Set ``key`` to ``value``; returns the new Record. Raises Conflict if ``if_version`` fails."""
+        """Set ``key`` to ``value``; returns the new Record. Raises Conflict if ``if_version`` fails.
+
+        ``ttl``: seconds after which the record is deleted (unless written again).
+        """
         full, value, if_version = self._full(key), check_value(value), _check_version(if_version)
+        ttl_ms = None
+        if ttl is not None:
+            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not MIN_TTL <= ttl <= MAX_TTL:
+                raise BadRequest(f"ttl must be a number of seconds in [{MIN_TTL}, {MAX_TTL}]")
+            ttl_ms = int(ttl * 1000)
         session = self._replica.default_session(timeout)
-        status, payload = self._replica.submit(session, Op.KV_PUT, [full, value, if_version], timeout,
+        status, payload = self._replica.submit(session, Op.KV_PUT, [full, value, if_version, ttl_ms], timeout,
                                                f"write {key!r}")
         raise_for_status(status, payload, f"write {key!r}")
         revision, version = payload
-        return Record(key, value, version, revision)
+        return Record(key, value, version, revision, None if ttl is None else time.time() + ttl)
 
     def read(self, key: str, consistency: str = "linearizable", timeout: float | None = None) -> Record:
         """Return the key's Record; raises NotFound."""
@@ -102,3 +136,22 @@ class Data:
                                               consistency, timeout)
         raise_for_status(status, payload, "dump")
         return [self._record(item) for item in payload]
+
+    def watch(self, prefix: str = "", from_revision: int | None = None) -> WatchStream[Change]:
+        """Every change to keys under ``prefix`` in commit order.
+
+        ``from_revision=None`` starts with the next change; ``from_revision=r`` replays
+        every change after revision ``r`` first (Compacted if that history is gone).
+        """
+        if not isinstance(prefix, str):
+            raise BadRequest("prefix must be str")
+        if from_revision is not None and (isinstance(from_revision, bool) or not isinstance(from_revision, int)
+                                          or from_revision < 0):
+            raise BadRequest("from_revision must be a non-negative int")
+        strip = len(self.prefix)
+
+        def convert(kind: str, change: list[Any]) -> Change:
+            revision, key, value, version = change
+            return Change(key[strip:], value, version, revision)
+
+        return WatchStream(self._replica, "kv", self.prefix + prefix, from_revision, convert)

@@ -8,6 +8,7 @@ from typing import Any
 from .config import NodeConfig, load_config
 from .data import Data
 from .errors import Closed, RaftsyncError
+from .leader import Election
 from .lock import Lock
 from .replica import Replica
 from .session import Session
@@ -119,3 +120,8 @@ class Node:
         """
         self._require_started()
         return Lock(self._replica, name, ttl=ttl, session=session)
+
+    def leader(self, group: str, ttl: float | None = None, session: Session | None = None) -> Election:
+        """A handle on the leader election of ``group`` (one candidate per handle)."""
+        self._require_started()
+        return Election(self._replica, group, ttl=ttl, session=session)

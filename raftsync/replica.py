@@ -29,7 +29,7 @@ from .codec import Op, Status, decode_result, encode_command
 from .config import NodeConfig
 from .errors import (BadRequest, Closed, Conflict, ConfigError, NoQuorum, NotFound, NotHeld, RaftsyncError,
                      SessionExpired, Timeout, TooLarge)
-from .session import Session, safety_margin
+from .session import MAX_TTL, MIN_TTL, Session
 
 log = logging.getLogger("raftsync.replica")
 
@@ -87,6 +87,7 @@ class Replica:
         self._default: Session | None = None
         self._default_ready = threading.Condition()
         self._listeners: dict[str, list[Callable[[list[Any]], None]]] = {}
+        self._watches: dict[int, Callable[[str, Any], None]] = {}
         self._attachments: dict[str, Any] = {}
         self._attachments_lock = threading.Lock()
         self._ttl_sessions: dict[float, Session] = {}
@@ -196,6 +197,8 @@ class Replica:
             self._state_changed.notify_all()
         with self._default_ready:
             self._default_ready.notify_all()
+        for deliver in list(self._watches.values()):
+            deliver("closed", None)
         if not self._closed.is_set():
             log.error("raftsync engine exited; this node can no longer serve")
             for session in list(self._sessions.values()):
@@ -233,6 +236,11 @@ class Replica:
             session = self._sessions.get(effect[1])
             if session is not None:
                 self._lose(session, f"session {effect[2]} by the cluster")
+        elif kind == "watch":
+            deliver = self._watches.get(effect[1])
+            if deliver is not None:
+                deliver(effect[2], effect[3])
+            return
         for listener in self._listeners.get(kind, ()):
             listener(effect)
 
@@ -240,6 +248,21 @@ class Replica:
         """Run ``listener(effect)`` on the reader thread for each notification of ``kind``.
         Listeners must be quick and must not block."""
         self._listeners.setdefault(kind, []).append(listener)
+
+    def add_watch(self, watch_id: int, deliver: Callable[[str, Any], None]) -> None:
+        self._check_open()
+        self._watches[watch_id] = deliver
+
+    def remove_watch(self, watch_id: int) -> None:
+        if self._watches.pop(watch_id, None) is not None:
+            try:
+                self._channel.send([Msg.UNWATCH, watch_id])
+            except OSError:
+                pass
+
+    def send_frame(self, message: list[Any]) -> None:
+        self._check_open()
+        self._channel.send(message)
 
     def attachment(self, key: str, factory: Callable[["Replica"], Any]) -> Any:
         """One shared helper object per replica (e.g. a primitive's notification router)."""
@@ -403,8 +426,8 @@ class Replica:
     # -- sessions --------------------------------------------------------------------
 
     def open_session(self, ttl: float, timeout: float | None = None) -> Session:
-        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0.3 <= ttl <= 86400:
-            raise BadRequest("ttl must be a number of seconds between 0.3 and 86400")
+        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not MIN_TTL <= ttl <= MAX_TTL:
+            raise BadRequest(f"ttl must be a number of seconds between {MIN_TTL} and {MAX_TTL}")
         session = Session(secrets.randbits(62) | 1, float(ttl), self)
         command = encode_command(Op.OPEN_SESSION, session.id, 0, 0, [int(ttl * 1000)])
         sent_at = time.monotonic()

@@ -23,6 +23,10 @@ import threading
 import time
 from typing import Callable
 
+MIN_TTL = 0.3
+MAX_TTL = 86400.0
+
+
 # The app reports a lease lost this long before the cluster could expire it, to
 # absorb scheduling delay of the watchdog thread.
 def safety_margin(ttl: float) -> float:

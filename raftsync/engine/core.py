@@ -34,8 +34,11 @@ from pysyncobj.config import FAIL_REASON
 from pysyncobj.poller import POLL_EVENT_TYPE
 
 from ..channel import Failure, FrameDecoder, Msg, pack_frame
-from ..codec import MAX_COMMAND_BYTES, Op, encode_command, decode_result
+from ..codec import (MAX_COMMAND_BYTES, Op, Query, Status, decode_query, decode_result, encode_command,
+                     encode_result)
 from ..machine import StateMachine
+from .deadlines import Deadlines
+from .watches import Watches
 
 log = logging.getLogger("raftsync.engine")
 
@@ -50,6 +53,8 @@ _FAILURES = {
 }
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 _BARRIER = encode_command(Op.BARRIER, 0, 0, 0, [])
+# Effects about a session that its own app is told about (waiters, lost grants).
+_OWNER_EFFECTS = ("lock_granted", "lock_released", "leader_granted", "leader_released")
 # An app that stops reading is treated as dead rather than letting us buffer forever.
 MAX_OUTGOING_BYTES = 256 * 1024 * 1024
 # Keepalives continue only while the app sent a frame within min(this, ttl/3).
@@ -134,9 +139,10 @@ class Engine:
         # sessions this app owns: id -> ttl seconds, and when each is next due
         self._owned: dict[int, float] = {}
         self._keepalive_due: dict[int, float] = {}
-        # deadline keeping: session id -> [keepalive_index, seen_at, ttl seconds]
-        self._seen: dict[int, list] = {}
-        self._expiring: dict[int, int] = {}
+        # TTLs measured here; expiries proposed only while this node leads
+        self._session_deadlines = Deadlines()
+        self._kv_deadlines = Deadlines()
+        self._watches = Watches(self._send)
         self._was_leader = False
         self._state: tuple | None = None
         self._pending_reads: list[tuple[int, bytes]] = []
@@ -253,6 +259,10 @@ class Engine:
             self._keepalive_due.pop(message[1], None)
         elif kind == Msg.STATUS:
             self._send([Msg.RESULT, message[1], self.status()])
+        elif kind == Msg.WATCH:
+            self._watches.add(self.machine, message[1], message[2], message[3], message[4])
+        elif kind == Msg.UNWATCH:
+            self._watches.remove(message[1])
         elif kind == Msg.TEST_DROP_REPLY:
             if self._config.get("test_hooks"):
                 self._drop_replies += int(message[1])
@@ -291,7 +301,7 @@ class Engine:
             self._send([Msg.FAILED, request_id, Failure.REJECTED])
             return
         if not linearizable:
-            self._send([Msg.RESULT, request_id, self.machine.query(query)])
+            self._send([Msg.RESULT, request_id, self._answer(query)])
             return
         self._pending_reads.append((request_id, query))
         self._start_barrier()
@@ -309,7 +319,7 @@ class Engine:
                     # Runs right after the barrier applied here: the state includes every
                     # write committed before any of these reads began.
                     for request_id, query in reads:
-                        self._send([Msg.RESULT, request_id, self.machine.query(query)])
+                        self._send([Msg.RESULT, request_id, self._answer(query)])
                 else:
                     reason = _FAILURES.get(error, Failure.UNKNOWN)
                     for request_id, _ in reads:
@@ -320,6 +330,28 @@ class Engine:
 
         self._propose(_BARRIER, done)
 
+    def _answer(self, query: bytes) -> bytes:
+        """Run a query. KV records carry, in place of their TTL, this node's estimate of
+        the seconds left (None without a TTL): expiry itself is the leader's decision."""
+        result = self.machine.query(query)
+        try:
+            kind = decode_query(query)[0]
+        except ValueError:
+            return result
+        if kind not in (Query.KV_GET, Query.KV_RANGE):
+            return result
+        status, payload = decode_result(result)
+        if status != Status.OK:
+            return result
+        now = time.monotonic()
+        for record in payload if kind == Query.KV_RANGE else [payload]:
+            if record[4]:
+                left = self._kv_deadlines.remaining(record[0], record[3], now)
+                record[4] = record[4] / 1000.0 if left is None else max(0.0, left)
+            else:
+                record[4] = None
+        return encode_result(status, payload)
+
     # -- effects (called from apply, tick thread) --------------------------------------
 
     def _on_effects(self, effects: list) -> None:
@@ -328,42 +360,58 @@ class Engine:
             for effect in effects:
                 kind = effect[0]
                 if kind == "keepalive":
-                    seen = self._seen.get(effect[1])
-                    if seen is not None:
-                        seen[0], seen[1] = effect[2], now
-                        self._expiring.pop(effect[1], None)
-                    continue
-                if kind == "session_opened":
-                    self._seen[effect[1]] = [effect[3], now, effect[2] / 1000.0]
+                    remaining_ttl = self._session_ttl(effect[1])
+                    if remaining_ttl is not None:
+                        self._session_deadlines.observe(effect[1], effect[2], remaining_ttl, now)
+                elif kind == "session_opened":
+                    self._session_deadlines.observe(effect[1], effect[3], effect[2] / 1000.0, now)
                 elif kind == "session_ended":
-                    self._seen.pop(effect[1], None)
-                    self._expiring.pop(effect[1], None)
+                    self._session_deadlines.forget(effect[1])
                     if effect[1] in self._owned:
                         self._owned.pop(effect[1], None)
                         self._keepalive_due.pop(effect[1], None)
                         self._send([Msg.NOTIFY, list(effect)])
-                    continue
-                if kind in ("lock_granted", "lock_released") and effect[2] in self._owned:
+                elif kind == "kv_put":
+                    if effect[3]:
+                        self._kv_deadlines.observe(effect[1], effect[2], effect[3] / 1000.0, now)
+                    else:
+                        self._kv_deadlines.forget(effect[1])
+                elif kind == "kv_delete":
+                    self._kv_deadlines.forget(effect[1])
+                elif kind in _OWNER_EFFECTS and effect[2] in self._owned:
                     self._send([Msg.NOTIFY, list(effect)])
+            self._watches.on_effects(self.machine, effects)
         except Exception:
             log.exception("effect fan-out failed")
+
+    def _session_ttl(self, session_id: int) -> float | None:
+        record = self.machine.sessions.get(session_id)
+        return None if record is None else record.ttl_ms / 1000.0
+
+    def _restart_deadlines(self, now: float) -> None:
+        machine = self.machine
+        self._session_deadlines.reset(
+            ((sid, r.keepalive_index, r.ttl_ms / 1000.0) for sid, r in machine.sessions.by_id.items()), now)
+        self._kv_deadlines.reset(
+            ((key, r[2], r[3] / 1000.0) for key, r in machine.kv.records.items() if r[3]), now)
 
     def _on_restored(self) -> None:
         """A snapshot replaced the machine: re-derive what the app must know."""
         self._snapshots_restored += 1
         try:
+            self._restart_deadlines(time.monotonic())
             sessions = self.machine.sessions.by_id
-            now = time.monotonic()
-            self._seen = {sid: [r.keepalive_index, now, r.ttl_ms / 1000.0] for sid, r in sessions.items()}
-            self._expiring.clear()
             for session_id in list(self._owned):
                 if session_id not in sessions:
                     self._owned.pop(session_id, None)
                     self._keepalive_due.pop(session_id, None)
                     self._send([Msg.NOTIFY, ["session_ended", session_id, "expired"]])
-            for name, record in self.machine.locks.by_name.items():
-                if record.holder is not None and record.holder[0] in self._owned:
-                    self._send([Msg.NOTIFY, ["lock_granted", name, record.holder[0], record.holder[1], record.token]])
+            for table in (self.machine.locks, self.machine.leaders):
+                for name, record in table.by_name.items():
+                    if record.holder is not None and record.holder[0] in self._owned:
+                        self._send([Msg.NOTIFY, [f"{table.kind}_granted", name, record.holder[0],
+                                                 record.holder[1], record.token]])
+            self._watches.on_restored(self.machine)
         except Exception:
             log.exception("restore fan-out failed")
 
@@ -397,24 +445,24 @@ class Engine:
     def _keep_deadlines(self, now: float) -> None:
         is_leader = self._raft._isLeader()
         if is_leader and not self._was_leader:
-            # A new leader cannot know when keepalives reached the old one: give every
-            # session a fresh full TTL before expiring anything.
-            self._seen = {sid: [r.keepalive_index, now, r.ttl_ms / 1000.0]
-                          for sid, r in self.machine.sessions.by_id.items()}
-            self._expiring.clear()
+            # A new leader cannot know when renewals reached the old one: every
+            # deadline gets a fresh full TTL before anything is expired.
+            self._restart_deadlines(now)
         self._was_leader = is_leader
         if not is_leader:
             return
-        for session_id, (keepalive_index, seen_at, ttl) in self._seen.items():
-            if now - seen_at > ttl and self._expiring.get(session_id) != keepalive_index:
-                self._expiring[session_id] = keepalive_index
-                self._propose(encode_command(Op.EXPIRE_SESSION, 0, 0, 0, [session_id, keepalive_index]),
-                              self._expire_done(session_id, keepalive_index))
+        for session_id, keepalive_index in self._session_deadlines.due(now):
+            self._propose(encode_command(Op.EXPIRE_SESSION, 0, 0, 0, [session_id, keepalive_index]),
+                          self._expiry_done(self._session_deadlines, session_id, keepalive_index))
+        for key, revision in self._kv_deadlines.due(now):
+            self._propose(encode_command(Op.KV_EXPIRE, 0, 0, 0, [key, revision]),
+                          self._expiry_done(self._kv_deadlines, key, revision))
 
-    def _expire_done(self, session_id: int, keepalive_index: int):
+    @staticmethod
+    def _expiry_done(deadlines: Deadlines, key: Any, token: int):
         def done(result: Any, error: int) -> None:
-            if error != FAIL_REASON.SUCCESS and self._expiring.get(session_id) == keepalive_index:
-                del self._expiring[session_id]
+            if error != FAIL_REASON.SUCCESS:
+                deadlines.proposal_failed(key, token)
         return done
 
     def _send_keepalives(self, now: float) -> None:

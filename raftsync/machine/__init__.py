@@ -58,11 +58,13 @@ class StateMachine:
         self.index = 0
         self.sessions = Sessions()
         self.kv = KeyValue()
-        self.locks = Locks()
+        self.locks = Locks("lock")
+        self.leaders = Locks("leader")
         self._session_free: dict[int, Callable[[list[Any], list], bytes]] = {
             Op.KEEPALIVE: self._keepalive,
             Op.EXPIRE_SESSION: self._expire_session,
             Op.BARRIER: self._barrier,
+            Op.KV_EXPIRE: self._kv_expire,
         }
         self._session_bound: dict[int, Callable[[int, list[Any], list], bytes]] = {
             Op.CLOSE_SESSION: self._close_session,
@@ -71,6 +73,10 @@ class StateMachine:
             Op.LOCK_ACQUIRE: self._lock_acquire,
             Op.LOCK_RELEASE: self._lock_release,
             Op.LOCK_WITHDRAW: self._lock_withdraw,
+            Op.LEADER_CAMPAIGN: self._leader_campaign,
+            Op.LEADER_RESIGN: self._leader_resign,
+            Op.LEADER_WITHDRAW: self._leader_withdraw,
+            Op.LEADER_PROCLAIM: self._leader_proclaim,
         }
 
     # -- commands ---------------------------------------------------------------------
@@ -156,6 +162,7 @@ class StateMachine:
 
     def _end_session(self, session_id: int, reason: str, effects: list) -> None:
         self.locks.end_session(session_id, self.index, effects)
+        self.leaders.end_session(session_id, self.index, effects)
         self.sessions.remove(session_id)
         effects.append(("session_ended", session_id, reason))
 
@@ -163,17 +170,31 @@ class StateMachine:
         return encode_result(Status.OK, self.index)
 
     def _kv_put(self, session_id: int, args: list[Any], effects: list) -> bytes:
-        if len(args) != 3:
-            raise _Invalid("KV_PUT takes [key, value, if_version]")
+        if len(args) not in (3, 4):
+            raise _Invalid("KV_PUT takes [key, value, if_version, ttl_ms?]")
         key = _str_arg(args[0], MAX_KEY_BYTES, "key")
         value = args[1]
         if not isinstance(value, bytes) or len(value) > MAX_VALUE_BYTES:
             raise _Invalid(f"value must be bytes of at most {MAX_VALUE_BYTES}")
-        ok, payload = self.kv.put(key, value, _optional_version(args[2]), self.index)
+        ttl_ms = 0
+        if len(args) == 4 and args[3] is not None:
+            ttl_ms = _int_arg(args[3], "ttl_ms", 1)
+            if ttl_ms > MAX_TTL_MS:
+                raise _Invalid(f"ttl_ms must be at most {MAX_TTL_MS}")
+        ok, payload = self.kv.put(key, value, _optional_version(args[2]), ttl_ms, self.index)
         if not ok:
             return encode_result(Status.CONFLICT, payload)
-        effects.append(("kv_put", key, self.index))
+        effects.append(("kv_put", key, self.index, ttl_ms))
         return encode_result(Status.OK, payload)
+
+    def _kv_expire(self, args: list[Any], effects: list) -> bytes:
+        if len(args) != 2:
+            raise _Invalid("KV_EXPIRE takes [key, revision]")
+        key = _str_arg(args[0], MAX_KEY_BYTES, "key")
+        if not self.kv.expire(key, _int_arg(args[1], "revision"), self.index):
+            return encode_result(Status.STALE)
+        effects.append(("kv_delete", key, self.index))
+        return OK
 
     def _kv_delete(self, session_id: int, args: list[Any], effects: list) -> bytes:
         if len(args) != 2:
@@ -210,6 +231,40 @@ class StateMachine:
         name, handle = self._lock_args(args, 2, "LOCK_WITHDRAW takes [name, handle]")
         return encode_result(Status.OK, self.locks.withdraw(name, (session_id, handle), self.index, effects))
 
+    def _leader_campaign(self, session_id: int, args: list[Any], effects: list) -> bytes:
+        if len(args) != 5:
+            raise _Invalid("LEADER_CAMPAIGN takes [group, handle, candidate_id, value, wait]")
+        group, handle = self._lock_args(args[:2], 2, "")
+        candidate = _str_arg(args[2], MAX_NAME_BYTES, "candidate id")
+        if not isinstance(args[3], bytes) or len(args[3]) > MAX_VALUE_BYTES:
+            raise _Invalid("value must be bytes")
+        if not isinstance(args[4], bool):
+            raise _Invalid("wait must be a bool")
+        term = self.leaders.acquire(group, (session_id, handle), args[4], self.index, effects,
+                                    payload=[candidate, args[3]])
+        return encode_result(Status.OK, term)
+
+    def _leader_resign(self, session_id: int, args: list[Any], effects: list) -> bytes:
+        group, handle = self._lock_args(args, 3, "LEADER_RESIGN takes [group, handle, term]")
+        if not self.leaders.release(group, (session_id, handle), _int_arg(args[2], "term"), self.index, effects):
+            return encode_result(Status.NOT_HELD)
+        return OK
+
+    def _leader_withdraw(self, session_id: int, args: list[Any], effects: list) -> bytes:
+        group, handle = self._lock_args(args, 2, "LEADER_WITHDRAW takes [group, handle]")
+        return encode_result(Status.OK, self.leaders.withdraw(group, (session_id, handle), self.index, effects))
+
+    def _leader_proclaim(self, session_id: int, args: list[Any], effects: list) -> bytes:
+        group, handle = self._lock_args(args, 4, "LEADER_PROCLAIM takes [group, handle, term, value]")
+        term = _int_arg(args[2], "term")
+        if not isinstance(args[3], bytes) or len(args[3]) > MAX_VALUE_BYTES:
+            raise _Invalid("value must be bytes")
+        info = self.leaders.holder_info(group)
+        if info is None or info[:3] != [session_id, handle, term]:
+            return encode_result(Status.NOT_HELD)
+        self.leaders.set_payload(group, (session_id, handle), term, [info[3][0], args[3]], effects)
+        return OK
+
     # -- queries ----------------------------------------------------------------------
 
     def query(self, query: bytes) -> bytes:
@@ -232,14 +287,24 @@ class StateMachine:
                 if record is None:
                     return encode_result(Status.NOT_FOUND)
                 return encode_result(Status.OK, [record.ttl_ms, record.keepalive_index])
-            if kind == Query.LOCK_INFO:
-                info = self.locks.info(_str_arg(args[0], MAX_NAME_BYTES, "lock name"))
-                return encode_result(Status.OK, info)
+            if kind == Query.LEADER_INFO:
+                return encode_result(Status.OK, self.leader_info(_str_arg(args[0], MAX_NAME_BYTES, "group")))
+            if kind in (Query.LOCK_INFO, Query.LEADER_QUEUE):
+                table = self.locks if kind == Query.LOCK_INFO else self.leaders
+                return encode_result(Status.OK, table.info(_str_arg(args[0], MAX_NAME_BYTES, "name")))
             return encode_result(Status.BAD_COMMAND, f"unknown query {kind}")
         except (_Invalid, IndexError, ValueError, TypeError) as exc:
             return encode_result(Status.BAD_COMMAND, str(exc))
         except Exception as exc:
             return encode_result(Status.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def leader_info(self, group: str) -> list[Any] | None:
+        """[candidate_id, value, term] of the group's leader, or None."""
+        info = self.leaders.holder_info(group)
+        if info is None:
+            return None
+        candidate, value = info[3]
+        return [candidate, value, info[2]]
 
     # -- snapshots --------------------------------------------------------------------
 
@@ -251,6 +316,7 @@ class StateMachine:
             "sessions": self.sessions.to_state(),
             "kv": self.kv.to_state(),
             "locks": self.locks.to_state(),
+            "leaders": self.leaders.to_state(),
         }, use_bin_type=True)
 
     @classmethod
@@ -262,5 +328,6 @@ class StateMachine:
         machine.index = state["index"]
         machine.sessions = Sessions.from_state(state["sessions"])
         machine.kv = KeyValue.from_state(state["kv"])
-        machine.locks = Locks.from_state(state["locks"])
+        machine.locks = Locks.from_state(state["locks"], "lock")
+        machine.leaders = Locks.from_state(state["leaders"], "leader")
         return machine

@@ -1,0 +1,156 @@
+"""Leader: election of one leader per group among candidates, with fencing terms.
+
+Guarantees
+- At most one leader per group at a time in the cluster; ``Term.term`` (the fencing
+  number) strictly increases per group with every new leadership.
+- Candidates are served first come, first served: when a leader resigns or its
+  session ends, the next candidate becomes leader in the same log entry.
+- ``Term.revoked`` is set (and ``on_revoked`` callbacks run) when this process can no
+  longer be sure it leads: its session was lost (before the cluster can elect someone
+  else) or it resigned.
+- ``observe()`` yields every leadership change of the group in commit order, on any
+  node; ``current()`` is a linearizable read by default.
+
+Failure modes
+- ``campaign(timeout)`` raises Timeout (``timeout=0``: someone else leads), NoQuorum.
+- A process paused past its TTL may still believe it leads until it resumes: fence
+  side effects with ``Term.term``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .codec import MAX_VALUE_BYTES, Op, Query, Status, check_value, encode_query
+from .errors import NotHeld, Timeout, TooLarge
+from .lock import check_name, check_timeout
+from .ownership import Grant, OwnershipTable, session_for
+from .replica import Replica, raise_for_status
+from .session import Session
+from .watch import WatchStream
+
+
+@dataclass(frozen=True)
+class LeaderInfo:
+    """Who leads a group: candidate ``id``, its proclaimed ``value``, and the ``term``."""
+
+    group: str
+    id: str
+    value: bytes
+    term: int
+
+
+class Term(Grant):
+    """This process's leadership of a group."""
+
+    def __init__(self, election: "Election", candidate_id: str, value: bytes, token: int,
+                 session: Session) -> None:
+        super().__init__(election.group, token, session)
+        self._election = election
+        self.id = candidate_id
+        self.value = value
+
+    @property
+    def term(self) -> int:
+        """The fencing number of this leadership."""
+        return self.token
+
+    @property
+    def revoked(self) -> threading.Event:
+        return self._ended
+
+    def on_revoked(self, callback: Callable[["Term"], None]) -> None:
+        """Call ``callback(term)`` once, on a raftsync thread, when leadership is revoked."""
+        self._on_end(callback)
+
+    def resign(self, timeout: float | None = None) -> None:
+        """Step down; the next candidate (if any) becomes leader. Raises NotHeld if already over."""
+        self._election._resign(self)
+
+    def proclaim(self, value: bytes, timeout: float | None = None) -> None:
+        """Publish a new value for this leadership (observers see it). Raises NotHeld."""
+        self._election._proclaim(self, check_value(value), timeout)
+
+    def __repr__(self) -> str:
+        return f"<Term {self.name!r} id={self.id!r} term={self.term}{' REVOKED' if self.revoked.is_set() else ''}>"
+
+
+def _leader_table(replica: Replica) -> OwnershipTable:
+    return OwnershipTable(replica, "leader", Op.LEADER_RESIGN, Op.LEADER_WITHDRAW)
+
+
+class Election:
+    """A handle on the election of ``group``. Create with ``node.leader(group)``."""
+
+    def __init__(self, replica: Replica, group: str, ttl: float | None = None,
+                 session: Session | None = None) -> None:
+        self.group = check_name(group, "group")
+        self.ttl = ttl
+        self._replica = replica
+        self._fixed_session = session
+        self._table: OwnershipTable = replica.attachment("leaders", _leader_table)
+        self._handle_id = secrets.randbits(62)
+        self._mutex = threading.RLock()
+        self._term: Term | None = None
+
+    def campaign(self, candidate_id: str, value: bytes = b"", timeout: float | None = None) -> Term:
+        """Block until this handle leads the group; ``timeout=0`` tries once (Timeout if not)."""
+        check_name(candidate_id, "candidate_id")
+        value = check_value(value)
+        check_timeout(timeout)
+        with self._mutex:
+            if self._term is not None and not self._term.revoked.is_set():
+                return self._term
+            session = session_for(self._replica, self._fixed_session, self.ttl, timeout)
+            token = self._table.claim(session, self.group, self._handle_id, Op.LEADER_CAMPAIGN,
+                                      [self.group, self._handle_id, candidate_id, value, timeout != 0],
+                                      timeout, Timeout)
+            term = Term(self, candidate_id, value, token, session)
+            self._table.hold(session, self._handle_id, term)
+            self._term = term
+            return term
+
+    def _resign(self, term: Term) -> None:
+        with self._mutex:
+            if term.revoked.is_set():
+                raise NotHeld(f"leadership of {self.group!r} is already over")
+            self._table._end(term)
+            if self._term is term:
+                self._term = None
+            self._table.release(self._handle_id, term, NotHeld)
+
+    def _proclaim(self, term: Term, value: bytes, timeout: float | None) -> None:
+        if term.revoked.is_set():
+            raise NotHeld(f"leadership of {self.group!r} is over")
+        status, payload = self._replica.submit(term.session, Op.LEADER_PROCLAIM,
+                                               [self.group, self._handle_id, term.term, value], timeout,
+                                               f"proclaim {self.group!r}")
+        if status in (Status.NOT_HELD, Status.SESSION_EXPIRED):
+            raise NotHeld(f"leadership of {self.group!r} is over")
+        raise_for_status(status, payload, f"proclaim {self.group!r}")
+        term.value = value
+
+    def current(self, consistency: str = "linearizable", timeout: float | None = None) -> LeaderInfo | None:
+        """The group's leader now, or None."""
+        status, payload = self._replica.query(encode_query(Query.LEADER_INFO, [self.group]), consistency, timeout)
+        raise_for_status(status, payload, f"leader of {self.group!r}")
+        return self._info(payload)
+
+    def _info(self, payload: list[Any] | None) -> LeaderInfo | None:
+        if payload is None:
+            return None
+        candidate_id, value, term = payload
+        return LeaderInfo(self.group, candidate_id, value, term)
+
+    def observe(self) -> WatchStream[LeaderInfo | None]:
+        """The current leader (or None), then every change, in commit order."""
+        return WatchStream(self._replica, "leader", self.group, None, lambda kind, payload: self._info(payload))
+
+    @property
+    def term(self) -> Term | None:
+        """This handle's current leadership, if any."""
+        term = self._term
+        return term if term is not None and not term.revoked.is_set() else None

@@ -1,0 +1,83 @@
+"""KV watches and TTLs across three node processes."""
+
+import signal
+import time
+
+import pytest
+
+from raftsync.errors import NotFound
+
+
+def _changes(node, name):
+    return [e[3] for e in node.call("events") if e[1] == "change" and e[2] == name]
+
+
+def _wait_for(predicate, timeout=15, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_watch_sees_every_change_from_every_node_in_commit_order(cluster):
+    a, b, c = cluster.nodes
+    c.call("watch_start", name="w", prefix="cfg/")
+    expected = []
+    for i in range(30):
+        writer = cluster.nodes[i % 3]
+        version, revision = writer.call("kv_write", key=f"cfg/{i % 5}", value=b"%d" % i)
+        expected.append([revision, f"cfg/{i % 5}", b"%d" % i, version])
+        writer.call("kv_write", key=f"other/{i}", value=b"x")  # outside the prefix
+    revision = a.call("kv_delete", key="cfg/0")
+    expected.append([revision, "cfg/0", None, 0])
+    _wait_for(lambda: len(_changes(c, "w")) >= len(expected), what="all changes")
+    assert _changes(c, "w") == expected
+    # A watch from an old revision replays the same history first.
+    b.call("watch_start", name="replay", prefix="cfg/", from_revision=expected[9][0])
+    _wait_for(lambda: len(_changes(b, "replay")) >= len(expected) - 10, what="replay")
+    assert _changes(b, "replay") == expected[10:]
+
+
+def test_record_ttl_expires_through_the_leader_and_watchers_see_it(cluster):
+    a, b, c = cluster.nodes
+    b.call("watch_start", name="w", prefix="tmp/")
+    started = time.monotonic()
+    a.call("kv_write", key="tmp/session", value=b"v", ttl=1.0)
+    a.call("kv_write", key="tmp/keep", value=b"v")
+    assert c.call("kv_read", key="tmp/session")[0] == b"v"
+    _wait_for(lambda: any(ch[1] == "tmp/session" and ch[2] is None for ch in _changes(b, "w")), timeout=10,
+              what="expiry")
+    assert time.monotonic() - started >= 1.0
+    with pytest.raises(NotFound):
+        c.call("kv_read", key="tmp/session")
+    assert c.call("kv_read", key="tmp/keep")[0] == b"v"
+    # Rewriting a record renews its TTL: a stale expiry for the old revision is ignored.
+    a.call("kv_write", key="tmp/renewed", value=b"1", ttl=1.5)
+    time.sleep(1.0)
+    a.call("kv_write", key="tmp/renewed", value=b"2", ttl=1.5)
+    time.sleep(0.8)
+    assert c.call("kv_read", key="tmp/renewed")[0] == b"2"
+
+
+def test_watch_on_a_follower_survives_a_snapshot_install(make_cluster):
+    cluster = make_cluster(3, compaction_min_entries=50)
+    leader = cluster.leader()
+    follower = next(n for n in cluster.nodes if n is not leader)
+    follower.call("watch_start", name="w", prefix="s/")
+    expected = []
+    for i in range(10):
+        version, revision = leader.call("kv_write", key=f"s/{i}", value=b"a")
+        expected.append([revision, f"s/{i}", b"a", version])
+    _wait_for(lambda: len(_changes(follower, "w")) == 10, what="first changes")
+    follower.signal_group(signal.SIGSTOP)
+    try:
+        for i in range(200):
+            version, revision = leader.call("kv_write", key=f"s/{i % 20}", value=b"%d" % i)
+            expected.append([revision, f"s/{i % 20}", b"%d" % i, version])
+    finally:
+        follower.signal_group(signal.SIGCONT)
+    _wait_for(lambda: len(_changes(follower, "w")) >= len(expected), timeout=20, what="catch-up")
+    assert follower.call("status")["snapshots_restored"] >= 1
+    assert _changes(follower, "w") == expected
