@@ -27,7 +27,7 @@ class Agent:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.handles: dict[str, Any] = {}
-        self.leases: dict[str, Any] = {}
+        self.sessions: dict[str, Any] = {}
         self.events: list[list[Any]] = []
         self._events_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="agent")
@@ -64,17 +64,39 @@ class Agent:
     def op_kv_dump(self, prefix: str = "", consistency: str = "linearizable") -> list[list[Any]]:
         return [[r.key, r.value, r.version, r.revision] for r in self.node.data().dump(prefix, consistency)]
 
-    def _lock(self, handle: str, name: str | None = None, ttl: float | None = None) -> Any:
+    def _new_handle(self, kind: str, name: str, ttl: float | None, session: str | None,
+                    permits: int = 1) -> Any:
+        """kind: "lock", "sem" (with permits), "read" or "write" (an RWLock handle)."""
+        explicit = self.sessions[session] if session else None
+        if kind == "lock":
+            return self.node.lock(name, ttl=ttl, session=explicit)
+        if kind == "sem":
+            return self.node.semaphore(name, permits, ttl=ttl, session=explicit)
+        rwlock = self.node.rwlock(name, ttl=ttl, session=explicit)
+        return rwlock.read_lock() if kind == "read" else rwlock.write_lock()
+
+    def _lock(self, handle: str, name: str | None = None, ttl: float | None = None, session: str | None = None,
+              kind: str = "lock", permits: int = 1) -> Any:
         lock = self.handles.get(handle)
         if lock is None:
             if name is None:
                 raise KeyError(f"no lock handle {handle!r}")
-            lock = self.handles[handle] = self.node.lock(name, ttl=ttl)
+            lock = self.handles[handle] = self._new_handle(kind, name, ttl, session, permits)
         return lock
 
+    def op_session_open(self, name: str, ttl: float) -> int:
+        session = self.sessions[name] = self.node.session(ttl)
+        session.on_lost(lambda s: self.record("session_lost", name, s.lost_reason))
+        return session.id
+
+    def op_session_close(self, name: str) -> bool:
+        self.sessions[name].close()
+        return True
+
     def op_lock_acquire(self, handle: str, name: str, timeout: float | None = None,
-                        ttl: float | None = None) -> int:
-        lease = self._lock(handle, name, ttl).acquire(timeout=timeout)
+                        ttl: float | None = None, session: str | None = None, kind: str = "lock",
+                        permits: int = 1) -> int:
+        lease = self._lock(handle, name, ttl, session, kind, permits).acquire(timeout=timeout)
         self.record("granted", handle, lease.token)
         lease.on_lost(lambda lost: self.record("lost", handle, lost.token))
         return lease.token
@@ -90,11 +112,12 @@ class Agent:
         return {"held": lock.held, "token": lease.token if lease else 0,
                 "lost": bool(lease and lease.lost.is_set())}
 
-    def op_lock_contend(self, name: str, iterations: int, hold: float = 0.0) -> list[list[float]]:
+    def op_lock_contend(self, name: str, iterations: int, hold: float = 0.0, kind: str = "lock",
+                        permits: int = 1) -> list[list[float]]:
         """Acquire/hold/release ``iterations`` times with a fresh handle; returns
         [token, acquired_at, released_at] per hold (monotonic clock, comparable across
         processes on one host)."""
-        lock = self.node.lock(name)
+        lock = self._new_handle(kind, name, None, None, permits)
         holds = []
         for _ in range(iterations):
             lease = lock.acquire(timeout=60)

@@ -8,7 +8,7 @@ from .data import Change, Data, Record
 from .leader import Election, LeaderInfo, Term
 from .errors import (BadRequest, Closed, Compacted, ConfigError, Conflict, LockTimeout, NoQuorum, NotFound,
                      NotHeld, RaftsyncError, SessionExpired, Timeout, TooLarge)
-from .lock import Lease, Lock
+from .lock import Lease, Lock, RWLock, Semaphore
 from .node import Node
 from .session import Session
 from .watch import WatchStream
@@ -16,7 +16,7 @@ from .watch import WatchStream
 __version__ = "0.1.0"
 
 __all__ = [
-    "Node", "Session", "Data", "Record", "Change", "Lock", "Lease", "Election", "Term", "LeaderInfo",
+    "Node", "Session", "Data", "Record", "Change", "Lock", "Lease", "Semaphore", "RWLock", "Election", "Term", "LeaderInfo",
     "WatchStream",
     "RaftsyncError", "BadRequest", "Closed", "Compacted", "ConfigError", "Conflict", "LockTimeout",
     "NoQuorum", "NotFound", "NotHeld", "SessionExpired", "Timeout", "TooLarge",

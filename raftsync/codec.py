@@ -47,6 +47,12 @@ class Op(IntEnum):
     LEADER_RESIGN = 31
     LEADER_WITHDRAW = 32
     LEADER_PROCLAIM = 33
+    SEM_ACQUIRE = 40
+    SEM_RELEASE = 41
+    SEM_WITHDRAW = 42
+    RW_ACQUIRE = 43
+    RW_RELEASE = 44
+    RW_WITHDRAW = 45
 
 
 class Query(IntEnum):
@@ -58,6 +64,8 @@ class Query(IntEnum):
     LOCK_INFO = 4
     LEADER_INFO = 5
     LEADER_QUEUE = 6
+    SEM_INFO = 7
+    RW_INFO = 8
 
 
 class Status(IntEnum):

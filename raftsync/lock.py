@@ -52,10 +52,6 @@ class Lease(Grant):
         return f"<Lease {self.name!r} token={self.token}{' LOST' if self.lost.is_set() else ''}>"
 
 
-def _lock_table(replica: Replica) -> OwnershipTable:
-    return OwnershipTable(replica, "lock", Op.LOCK_RELEASE, Op.LOCK_WITHDRAW)
-
-
 def check_name(name: Any, what: str) -> str:
     check_key(name, what)
     if len(name.encode("utf-8")) > MAX_NAME_BYTES:
@@ -70,33 +66,52 @@ def check_timeout(timeout: Any) -> float | None:
     return timeout
 
 
-class Lock:
-    """A handle on the distributed lock ``name``. Create with ``node.lock(name, ttl)``."""
+_OPS = {
+    "lock": (Op.LOCK_ACQUIRE, Op.LOCK_RELEASE, Op.LOCK_WITHDRAW),
+    "sem": (Op.SEM_ACQUIRE, Op.SEM_RELEASE, Op.SEM_WITHDRAW),
+    "rw": (Op.RW_ACQUIRE, Op.RW_RELEASE, Op.RW_WITHDRAW),
+}
 
-    def __init__(self, replica: Replica, name: str, ttl: float | None = None,
-                 session: Session | None = None) -> None:
-        check_name(name, "lock name")
+
+def _table(replica: Replica, kind: str) -> OwnershipTable:
+    acquire_op, release_op, withdraw_op = _OPS[kind]
+    return replica.attachment(f"ownership:{kind}",
+                              lambda r: OwnershipTable(r, kind, release_op, withdraw_op))
+
+
+class _Handle:
+    """One owner of a lock-like name: acquire/release, reentrant holds, leases."""
+
+    _kind = "lock"
+
+    def __init__(self, replica: Replica, name: str, ttl: float | None, session: Session | None) -> None:
+        check_name(name, "name")
         if ttl is not None and session is not None:
             raise BadRequest("give either ttl or session, not both")
         self.name = name
         self.ttl = ttl
         self._replica = replica
         self._fixed_session = session
-        self._table: OwnershipTable = replica.attachment("locks", _lock_table)
+        self._table = _table(replica, self._kind)
+        self._acquire_op = _OPS[self._kind][0]
         self._handle_id = secrets.randbits(62)
         self._mutex = threading.RLock()
         self._lease: Lease | None = None
         self._holds = 0
 
+    def _acquire_args(self, wait: bool) -> list[Any]:
+        return [self.name, self._handle_id, wait]
+
     @property
     def lease(self) -> Lease | None:
-        """The current lease, if this handle holds the lock (and has not lost it)."""
+        """The current lease, if this handle holds it (and has not lost it)."""
         lease = self._lease
         return lease if lease is not None and not lease.lost.is_set() else None
 
     def acquire(self, timeout: float | None = None) -> Lease:
-        """Block until this handle holds the lock; ``timeout=0`` tries once.
+        """Block until this handle holds it; ``timeout=0`` tries once.
 
+        A handle that already holds it counts one more (reentrant) hold.
         Raises LockTimeout, NoQuorum, or SessionExpired (the session was lost while waiting).
         """
         check_timeout(timeout)
@@ -105,8 +120,8 @@ class Lock:
                 self._holds += 1
                 return self._lease
             session = session_for(self._replica, self._fixed_session, self.ttl, timeout)
-            token = self._table.claim(session, self.name, self._handle_id, Op.LOCK_ACQUIRE,
-                                      [self.name, self._handle_id, timeout != 0], timeout, LockTimeout)
+            token = self._table.claim(session, self.name, self._handle_id, self._acquire_op,
+                                      self._acquire_args(timeout != 0), timeout, LockTimeout)
             lease = Lease(self.name, token, session)
             self._table.hold(session, self._handle_id, lease)
             if lease.lost.is_set():
@@ -116,7 +131,7 @@ class Lock:
             return lease
 
     def release(self) -> None:
-        """Release one hold; the last release frees the lock. Raises NotHeld."""
+        """Release one hold; the last release gives it back. Raises NotHeld."""
         with self._mutex:
             lease = self._lease
             if lease is None or self._holds == 0:
@@ -142,4 +157,60 @@ class Lock:
         self.release()
 
     def __repr__(self) -> str:
-        return f"<Lock {self.name!r} {'held' if self.held else 'free'}>"
+        return f"<{type(self).__name__} {self.name!r} {'held' if self.held else 'free'}>"
+
+
+class Lock(_Handle):
+    """A handle on the distributed lock ``name``. Create with ``node.lock(name, ttl)``."""
+
+    def __init__(self, replica: Replica, name: str, ttl: float | None = None,
+                 session: Session | None = None) -> None:
+        super().__init__(replica, name, ttl, session)
+
+
+class Semaphore(_Handle):
+    """A handle on a counting semaphore of ``permits``: up to that many handles hold it at
+    once, each with its own lease and fencing token; waiters are served FIFO.
+    Every handle on one name must agree on ``permits`` (else BadRequest)."""
+
+    _kind = "sem"
+
+    def __init__(self, replica: Replica, name: str, permits: int, ttl: float | None = None,
+                 session: Session | None = None) -> None:
+        if isinstance(permits, bool) or not isinstance(permits, int) or permits < 1:
+            raise BadRequest("permits must be an int >= 1")
+        super().__init__(replica, name, ttl, session)
+        self.permits = permits
+
+    def _acquire_args(self, wait: bool) -> list[Any]:
+        return [self.name, self._handle_id, self.permits, wait]
+
+
+class RWLock:
+    """A read/write lock: many readers or one writer, served in arrival order (a waiting
+    writer is not overtaken by later readers). ``read_lock()`` and ``write_lock()``
+    each return a new handle (an owner) with the Lock API."""
+
+    def __init__(self, replica: Replica, name: str, ttl: float | None = None,
+                 session: Session | None = None) -> None:
+        check_name(name, "name")
+        self.name = name
+        self._args = (replica, name, ttl, session)
+
+    def read_lock(self) -> "_RWHandle":
+        return _RWHandle(*self._args, mode="r")
+
+    def write_lock(self) -> "_RWHandle":
+        return _RWHandle(*self._args, mode="w")
+
+
+class _RWHandle(_Handle):
+    _kind = "rw"
+
+    def __init__(self, replica: Replica, name: str, ttl: float | None, session: Session | None,
+                 mode: str) -> None:
+        super().__init__(replica, name, ttl, session)
+        self.mode = mode
+
+    def _acquire_args(self, wait: bool) -> list[Any]:
+        return [self.name, self._handle_id, self.mode, wait]

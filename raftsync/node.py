@@ -9,7 +9,7 @@ from .config import NodeConfig, load_config
 from .data import Data
 from .errors import Closed, RaftsyncError
 from .leader import Election
-from .lock import Lock
+from .lock import Lock, RWLock, Semaphore
 from .replica import Replica
 from .session import Session
 
@@ -125,3 +125,14 @@ class Node:
         """A handle on the leader election of ``group`` (one candidate per handle)."""
         self._require_started()
         return Election(self._replica, group, ttl=ttl, session=session)
+
+    def semaphore(self, name: str, permits: int, ttl: float | None = None,
+                  session: Session | None = None) -> Semaphore:
+        """A handle on the counting semaphore ``name`` with ``permits`` holders at most."""
+        self._require_started()
+        return Semaphore(self._replica, name, permits, ttl=ttl, session=session)
+
+    def rwlock(self, name: str, ttl: float | None = None, session: Session | None = None) -> RWLock:
+        """The read/write lock ``name``; take handles with ``read_lock()`` / ``write_lock()``."""
+        self._require_started()
+        return RWLock(self._replica, name, ttl=ttl, session=session)

@@ -54,7 +54,8 @@ _FAILURES = {
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 _BARRIER = encode_command(Op.BARRIER, 0, 0, 0, [])
 # Effects about a session that its own app is told about (waiters, lost grants).
-_OWNER_EFFECTS = ("lock_granted", "lock_released", "leader_granted", "leader_released")
+_OWNER_EFFECTS = ("lock_granted", "lock_released", "leader_granted", "leader_released",
+                  "sem_granted", "sem_released", "rw_granted", "rw_released")
 # An app that stops reading is treated as dead rather than letting us buffer forever.
 MAX_OUTGOING_BYTES = 256 * 1024 * 1024
 # Keepalives continue only while the app sent a frame within min(this, ttl/3).
@@ -411,6 +412,11 @@ class Engine:
                     if record.holder is not None and record.holder[0] in self._owned:
                         self._send([Msg.NOTIFY, [f"{table.kind}_granted", name, record.holder[0],
                                                  record.holder[1], record.token]])
+            for shared in (self.machine.semaphores, self.machine.rwlocks):
+                for name, srecord in shared.by_name.items():
+                    for owner, (token, _) in srecord.holders.items():
+                        if owner[0] in self._owned:
+                            self._send([Msg.NOTIFY, [f"{shared.kind}_granted", name, owner[0], owner[1], token]])
             self._watches.on_restored(self.machine)
         except Exception:
             log.exception("restore fan-out failed")

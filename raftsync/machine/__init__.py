@@ -23,6 +23,7 @@ from ..codec import (MAX_KEY_BYTES, MAX_NAME_BYTES, MAX_VALUE_BYTES, Op, Query, 
                      decode_query, encode_result)
 from .kv import KeyValue
 from .locks import Locks
+from .semaphores import MAX_CAPACITY, RW_CAPACITY, Semaphores
 from .sessions import MAX_TTL_MS, MIN_TTL_MS, Sessions
 
 SNAPSHOT_VERSION = 1
@@ -60,6 +61,8 @@ class StateMachine:
         self.kv = KeyValue()
         self.locks = Locks("lock")
         self.leaders = Locks("leader")
+        self.semaphores = Semaphores("sem")
+        self.rwlocks = Semaphores("rw")
         self._session_free: dict[int, Callable[[list[Any], list], bytes]] = {
             Op.KEEPALIVE: self._keepalive,
             Op.EXPIRE_SESSION: self._expire_session,
@@ -77,6 +80,12 @@ class StateMachine:
             Op.LEADER_RESIGN: self._leader_resign,
             Op.LEADER_WITHDRAW: self._leader_withdraw,
             Op.LEADER_PROCLAIM: self._leader_proclaim,
+            Op.SEM_ACQUIRE: self._sem_acquire,
+            Op.SEM_RELEASE: lambda sid, args, eff: self._shared_release(self.semaphores, sid, args, eff),
+            Op.SEM_WITHDRAW: lambda sid, args, eff: self._shared_withdraw(self.semaphores, sid, args, eff),
+            Op.RW_ACQUIRE: self._rw_acquire,
+            Op.RW_RELEASE: lambda sid, args, eff: self._shared_release(self.rwlocks, sid, args, eff),
+            Op.RW_WITHDRAW: lambda sid, args, eff: self._shared_withdraw(self.rwlocks, sid, args, eff),
         }
 
     # -- commands ---------------------------------------------------------------------
@@ -163,6 +172,8 @@ class StateMachine:
     def _end_session(self, session_id: int, reason: str, effects: list) -> None:
         self.locks.end_session(session_id, self.index, effects)
         self.leaders.end_session(session_id, self.index, effects)
+        self.semaphores.end_session(session_id, self.index, effects)
+        self.rwlocks.end_session(session_id, self.index, effects)
         self.sessions.remove(session_id)
         effects.append(("session_ended", session_id, reason))
 
@@ -265,6 +276,34 @@ class StateMachine:
         self.leaders.set_payload(group, (session_id, handle), term, [info[3][0], args[3]], effects)
         return OK
 
+    def _sem_acquire(self, session_id: int, args: list[Any], effects: list) -> bytes:
+        name, handle = self._lock_args(args, 4, "SEM_ACQUIRE takes [name, handle, permits, wait]")
+        permits = _int_arg(args[2], "permits", 1)
+        if permits > MAX_CAPACITY or not isinstance(args[3], bool):
+            raise _Invalid(f"permits must be at most {MAX_CAPACITY}; wait a bool")
+        token = self.semaphores.acquire(name, (session_id, handle), permits, 1, args[3], self.index, effects)
+        if token is None:
+            raise _Invalid(f"semaphore {name!r} exists with a different number of permits")
+        return encode_result(Status.OK, token)
+
+    def _rw_acquire(self, session_id: int, args: list[Any], effects: list) -> bytes:
+        name, handle = self._lock_args(args, 4, "RW_ACQUIRE takes [name, handle, mode, wait]")
+        if args[2] not in ("r", "w") or not isinstance(args[3], bool):
+            raise _Invalid("mode must be 'r' or 'w'; wait a bool")
+        weight = 1 if args[2] == "r" else RW_CAPACITY
+        token = self.rwlocks.acquire(name, (session_id, handle), RW_CAPACITY, weight, args[3], self.index, effects)
+        return encode_result(Status.OK, token)
+
+    def _shared_release(self, table: Semaphores, session_id: int, args: list[Any], effects: list) -> bytes:
+        name, handle = self._lock_args(args, 3, "RELEASE takes [name, handle, token]")
+        if not table.release(name, (session_id, handle), _int_arg(args[2], "token"), self.index, effects):
+            return encode_result(Status.NOT_HELD)
+        return OK
+
+    def _shared_withdraw(self, table: Semaphores, session_id: int, args: list[Any], effects: list) -> bytes:
+        name, handle = self._lock_args(args, 2, "WITHDRAW takes [name, handle]")
+        return encode_result(Status.OK, table.withdraw(name, (session_id, handle), self.index, effects))
+
     # -- queries ----------------------------------------------------------------------
 
     def query(self, query: bytes) -> bytes:
@@ -289,6 +328,9 @@ class StateMachine:
                 return encode_result(Status.OK, [record.ttl_ms, record.keepalive_index])
             if kind == Query.LEADER_INFO:
                 return encode_result(Status.OK, self.leader_info(_str_arg(args[0], MAX_NAME_BYTES, "group")))
+            if kind in (Query.SEM_INFO, Query.RW_INFO):
+                table = self.semaphores if kind == Query.SEM_INFO else self.rwlocks
+                return encode_result(Status.OK, table.info(_str_arg(args[0], MAX_NAME_BYTES, "name")))
             if kind in (Query.LOCK_INFO, Query.LEADER_QUEUE):
                 table = self.locks if kind == Query.LOCK_INFO else self.leaders
                 return encode_result(Status.OK, table.info(_str_arg(args[0], MAX_NAME_BYTES, "name")))
@@ -317,6 +359,8 @@ class StateMachine:
             "kv": self.kv.to_state(),
             "locks": self.locks.to_state(),
             "leaders": self.leaders.to_state(),
+            "semaphores": self.semaphores.to_state(),
+            "rwlocks": self.rwlocks.to_state(),
         }, use_bin_type=True)
 
     @classmethod
@@ -330,4 +374,6 @@ class StateMachine:
         machine.kv = KeyValue.from_state(state["kv"])
         machine.locks = Locks.from_state(state["locks"], "lock")
         machine.leaders = Locks.from_state(state["leaders"], "leader")
+        machine.semaphores = Semaphores.from_state(state["semaphores"], "sem")
+        machine.rwlocks = Semaphores.from_state(state["rwlocks"], "rw")
         return machine
