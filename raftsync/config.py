@@ -33,6 +33,7 @@ class NodeConfig:
     quorum_timeout: float = 5.0
     attempt_timeout: float = 1.0
     start_timeout: float = 15.0
+    bind_retries: int = 20
     test_hooks: bool = False
 
     def validate(self) -> "NodeConfig":
@@ -66,6 +67,8 @@ class NodeConfig:
         if not 3 * self.heartbeat_interval < low < high:
             raise ConfigError("election_timeout", "needs 3*heartbeat_interval < min < max")
         self.election_timeout = (low, high)
+        if isinstance(self.bind_retries, bool) or not isinstance(self.bind_retries, int) or self.bind_retries < 1:
+            raise ConfigError("bind_retries", "must be an int >= 1 (attempts, 0.5 s apart)")
         if not isinstance(self.compaction_min_entries, int) or self.compaction_min_entries < 2:
             raise ConfigError("compaction_min_entries", "must be an int >= 2")
         if self.data_dir is not None:
@@ -82,6 +85,7 @@ class NodeConfig:
             "election_timeout": list(self.election_timeout),
             "heartbeat_interval": self.heartbeat_interval,
             "compaction_min_entries": self.compaction_min_entries,
+            "bind_retries": self.bind_retries,
             "test_hooks": self.test_hooks,
         }
 

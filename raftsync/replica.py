@@ -93,6 +93,7 @@ class Replica:
         self._ttl_sessions: dict[float, Session] = {}
         self._ttl_sessions_lock = threading.Lock()
         self._callbacks: queue.SimpleQueue = queue.SimpleQueue()
+        self._closing = threading.Event()
         self._closed = threading.Event()
         self._engine_gone = threading.Event()
         self.engine_pid: int | None = None
@@ -138,8 +139,9 @@ class Replica:
         engine.stopped.wait()
 
     def close(self, timeout: float = 5.0) -> None:
-        if self._closed.is_set():
+        if self._closing.is_set():
             return
+        self._closing.set()  # no replacement default session from here on
         with self._sessions_lock:
             sessions = [s for s in self._sessions.values() if not s.lost.is_set()]
         deadline = time.monotonic() + timeout
@@ -391,7 +393,7 @@ class Replica:
         seq, acked_below = session._begin()
         try:
             command = encode_command(op, session.id, seq, acked_below, args)
-            result = self._exchange(lambda: [Msg.SUBMIT, 0, command], timeout, what or Op(op).name)
+            result = self._exchange(lambda: [Msg.SUBMIT, 0, command], timeout, what or f"op {op}")
         finally:
             session._end(seq)
         return decode_result(result)
@@ -477,7 +479,7 @@ class Replica:
             self.call_soon(callback, session)
         for listener in self._listeners.get("session_lost", ()):
             listener(["session_lost", session.id])
-        if reason != "closed" and not self._closed.is_set() and not self._engine_gone.is_set():
+        if reason != "closed" and not self._closing.is_set() and not self._engine_gone.is_set():
             # The app has been told it is lost: make that true in the cluster too.
             threading.Thread(target=self._close_quietly, args=(session,), daemon=True).start()
         if session is self._default:
@@ -494,7 +496,7 @@ class Replica:
 
     def _keep_default_session(self) -> None:
         """Open the default session, and a fresh one whenever it is lost."""
-        while not self._closed.is_set() and not self._engine_gone.is_set():
+        while not self._closing.is_set() and not self._engine_gone.is_set():
             try:
                 session = self.open_session(self.config.session_ttl, timeout=None)
             except NoQuorum:
