@@ -169,6 +169,11 @@ def test_partitioned_holder_sees_lost_before_others_resume_then_waiter_wins(clus
     assert result["token"] > token
     with pytest.raises(NotHeld):
         holder.call("lock_release", handle="h")
+    # The lost default session was closed and replaced: the holder's node works on.
+    old_session = [e for e in holder.call("events") if e[1] == "lost"]
+    assert old_session
+    holder.call("kv_write", key="after-loss", value=b"ok")
+    assert holder.call("lock_acquire", handle="h2", name="iso-2", timeout=10) > result["token"]
 
 
 def test_busy_leader_app_causes_no_election_and_others_keep_committing(cluster):
