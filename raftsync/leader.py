@@ -24,8 +24,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .codec import MAX_VALUE_BYTES, Op, Query, Status, check_value, encode_query
-from .errors import NotHeld, Timeout, TooLarge
+from .codec import Op, Query, Status, check_value, encode_query
+from .errors import NotHeld, Timeout
 from .lock import check_name, check_timeout
 from .ownership import Grant, OwnershipTable, session_for
 from .replica import Replica, raise_for_status

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import queue
-import time
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from .channel import Msg

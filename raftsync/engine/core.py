@@ -158,8 +158,10 @@ class Engine:
         """Create the SyncObj (binding its port). Raises on a bind failure."""
         self._config = config
         others = [p for p in config["peers"] if p != config["self_address"]]
+        from .transport import RaftTransport  # the Raft port's hardened transport
+
         self._raft = _RaftNode(config["self_address"], others, build_conf(config, self._in_process),
-                               consumers=[self._consumer])
+                               consumers=[self._consumer], transportClass=RaftTransport)
         self._raft.addOnTickCallback(self._on_tick)
         self._raft.waitBinded()
 
@@ -517,6 +519,7 @@ class Engine:
             "machine_index": self.machine.index,
             "sessions": len(self.machine.sessions.by_id),
             "engine_pid": os.getpid(),
+            "peers_connected": {node.address: raft.isNodeConnected(node) for node in raft.otherNodes},
             "dropped_replies": self._dropped_replies,
             "snapshots_restored": self._snapshots_restored,
         }

@@ -4,8 +4,8 @@ import pytest
 
 from cluster.launcher import free_ports
 from raftsync import Node
-from raftsync.codec import Op, encode_command
-from raftsync.errors import BadRequest, Closed, ConfigError, NotHeld, RaftsyncError, TooLarge
+from raftsync.codec import Op
+from raftsync.errors import BadRequest, Closed, ConfigError, NotHeld, TooLarge
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Basic behaviour of a real three-process cluster on loopback."""
 
 import signal
-import time
 
 import pytest
 

@@ -1,24 +1,18 @@
 """KV watches and TTLs across three node processes."""
 
+import os
 import signal
 import time
 
 import pytest
 
+from tests.integration.util import events, wait_for
+
 from raftsync.errors import NotFound
 
 
-def _changes(node, name):
-    return [e[3] for e in node.call("events") if e[1] == "change" and e[2] == name]
 
 
-def _wait_for(predicate, timeout=15, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_watch_sees_every_change_from_every_node_in_commit_order(cluster):
@@ -32,12 +26,12 @@ def test_watch_sees_every_change_from_every_node_in_commit_order(cluster):
         writer.call("kv_write", key=f"other/{i}", value=b"x")  # outside the prefix
     revision = a.call("kv_delete", key="cfg/0")
     expected.append([revision, "cfg/0", None, 0])
-    _wait_for(lambda: len(_changes(c, "w")) >= len(expected), what="all changes")
-    assert _changes(c, "w") == expected
+    wait_for(lambda: len(events(c, "change", "w")) >= len(expected), what="all changes")
+    assert events(c, "change", "w") == expected
     # A watch from an old revision replays the same history first.
     b.call("watch_start", name="replay", prefix="cfg/", from_revision=expected[9][0])
-    _wait_for(lambda: len(_changes(b, "replay")) >= len(expected) - 10, what="replay")
-    assert _changes(b, "replay") == expected[10:]
+    wait_for(lambda: len(events(b, "change", "replay")) >= len(expected) - 10, what="replay")
+    assert events(b, "change", "replay") == expected[10:]
 
 
 def test_record_ttl_expires_through_the_leader_and_watchers_see_it(cluster):
@@ -47,7 +41,7 @@ def test_record_ttl_expires_through_the_leader_and_watchers_see_it(cluster):
     a.call("kv_write", key="tmp/session", value=b"v", ttl=1.0)
     a.call("kv_write", key="tmp/keep", value=b"v")
     assert c.call("kv_read", key="tmp/session")[0] == b"v"
-    _wait_for(lambda: any(ch[1] == "tmp/session" and ch[2] is None for ch in _changes(b, "w")), timeout=10,
+    wait_for(lambda: any(ch[1] == "tmp/session" and ch[2] is None for ch in events(b, "change", "w")), timeout=10,
               what="expiry")
     assert time.monotonic() - started >= 1.0
     with pytest.raises(NotFound):
@@ -70,14 +64,21 @@ def test_watch_on_a_follower_survives_a_snapshot_install(make_cluster):
     for i in range(10):
         version, revision = leader.call("kv_write", key=f"s/{i}", value=b"a")
         expected.append([revision, f"s/{i}", b"a", version])
-    _wait_for(lambda: len(_changes(follower, "w")) == 10, what="first changes")
-    follower.signal_group(signal.SIGSTOP)
+    wait_for(lambda: len(events(follower, "change", "w")) == 10, what="first changes")
+    # Pause only the follower's engine (its app and the watch in it keep running) until
+    # the leader drops the connection: entries sent while it merely sleeps would wait in
+    # its socket buffer, and it would catch up without a snapshot.
+    os.kill(follower.engine_pid, signal.SIGSTOP)
     try:
         for i in range(200):
             version, revision = leader.call("kv_write", key=f"s/{i % 20}", value=b"%d" % i)
             expected.append([revision, f"s/{i % 20}", b"%d" % i, version])
+        # the leader compacts in a forked child: wait until the missed entries are gone
+        wait_for(lambda: leader.call("status")["log_length"] < 150, 20, "leader compaction")
+        wait_for(lambda: not leader.call("status")["peers_connected"][follower.address], 20,
+                 "the leader to drop the paused follower")
     finally:
-        follower.signal_group(signal.SIGCONT)
-    _wait_for(lambda: len(_changes(follower, "w")) >= len(expected), timeout=20, what="catch-up")
+        os.kill(follower.engine_pid, signal.SIGCONT)
+    wait_for(lambda: len(events(follower, "change", "w")) >= len(expected), timeout=20, what="catch-up")
     assert follower.call("status")["snapshots_restored"] >= 1
-    assert _changes(follower, "w") == expected
+    assert events(follower, "change", "w") == expected

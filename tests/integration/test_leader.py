@@ -2,26 +2,18 @@
 
 import signal
 import threading
-import time
 
 import pytest
 
-from raftsync.errors import NotHeld, Timeout
+from tests.integration.util import events, wait_for, wait_queued
+
+from raftsync.errors import Timeout
 
 TTL = 3.0
 
 
-def _observed(node, name):
-    return [e[3] for e in node.call("events") if e[1] == "observed" and e[2] == name]
 
 
-def _wait_for(predicate, timeout=15, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_one_leader_fifo_succession_and_every_node_observes_the_same_history(cluster):
@@ -40,7 +32,7 @@ def test_one_leader_fifo_succession_and_every_node_observes_the_same_history(clu
         thread.start()
         threads.append(thread)
         # queue the candidates in a known order: b, then c
-        _wait_for(lambda: len(a.call("lock_info", name="svc", table="leader")[2]) == queued, what="queued")
+        wait_queued(a, "svc", queued, table="leader")
     a.call("leader_proclaim", handle="e", value=b"addr-a2")
     assert b.call("leader_current", group="svc") == ["a", b"addr-a2", first]
     a.call("leader_resign", handle="e")
@@ -56,8 +48,8 @@ def test_one_leader_fifo_succession_and_every_node_observes_the_same_history(clu
     expected = [None, ["a", b"addr-a", first], ["a", b"addr-a2", first], ["b", b"addr-b", second],
                 ["c", b"addr-c", third]]
     for node in cluster.nodes:
-        _wait_for(lambda: len(_observed(node, "o")) >= len(expected), what="observations")
-        assert _observed(node, "o") == expected
+        wait_for(lambda: len(events(node, "observed", "o")) >= len(expected), what="observations")
+        assert events(node, "observed", "o") == expected
 
 
 def test_dead_leader_is_replaced_with_a_larger_term(cluster):
@@ -68,14 +60,14 @@ def test_dead_leader_is_replaced_with_a_larger_term(cluster):
     thread = threading.Thread(target=lambda: result.setdefault("term", b.call(
         "leader_campaign", handle="e", group="jobs", candidate_id="b", timeout=TTL + 6)))
     thread.start()
-    _wait_for(lambda: len(c.call("lock_info", name="jobs", table="leader")[2]) == 1, what="queued")
+    wait_queued(c, "jobs", 1, table="leader")
     a.signal_app(signal.SIGKILL)
     thread.join(20)
     assert result["term"] > first
     assert c.call("leader_current", group="jobs") == ["b", b"", result["term"]]
-    _wait_for(lambda: _observed(c, "o")[-1:] == [["b", b"", result["term"]]], what="observer")
+    wait_for(lambda: events(c, "observed", "o")[-1:] == [["b", b"", result["term"]]], what="observer")
     # Never two leaders at once: the observed history goes straight from a to b.
-    assert [o[0] if o else None for o in _observed(c, "o")] == [None, "a", "b"]
+    assert [o[0] if o else None for o in events(c, "observed", "o")] == [None, "a", "b"]
 
 
 def test_revoked_on_resign_and_session_loss(cluster):
@@ -89,7 +81,7 @@ def test_revoked_on_resign_and_session_loss(cluster):
     for node in (b, c):
         node.signal_group(signal.SIGSTOP)
     try:
-        _wait_for(lambda: any(e[1] == "revoked" and e[2] == "f" for e in a.call("events")),
+        wait_for(lambda: any(e[1] == "revoked" and e[2] == "f" for e in a.call("events")),
                   timeout=TTL + 3, what="revocation while cut off")
     finally:
         for node in (b, c):

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from raftsync.errors import BadRequest, LockTimeout, NotHeld
+from raftsync.errors import BadRequest, NotHeld
 
 
 def _contend(cluster, name, per_node, iterations, hold, kinds):

@@ -1,0 +1,353 @@
+"""A hardened PySyncObj transport for the Raft port.
+
+PySyncObj's own ``TCPTransport`` trusts whatever reaches the port: a 4-byte length
+prefix of up to 2 GiB is buffered in full before anything is checked (a memory and,
+through ``bytes +=`` re-copying, a CPU denial of service), silent connections that
+never identify stay open forever, ``syncobj_admin`` utility commands are served to any
+connection, and a message the handlers do not expect raises into the tick loop.
+
+``RaftTransport`` keeps PySyncObj's wire (pickle, Fernet-encrypted when a password is
+set) and its handshake, and adds limits around them:
+
+- a frame whose declared length is negative or over ``MAX_FRAME_BYTES`` drops its
+  connection as soon as the 4-byte prefix arrives; before a connection has delivered
+  one frame that decoded (so, with a password, one the sender could encrypt), the limit
+  is ``MAX_UNAUTHENTICATED_BYTES`` for the frame and for all bytes received;
+- a frame that fails decryption or unpickling drops its connection (as upstream), and
+  any exception while handling a connection's events drops that connection instead of
+  escaping into PySyncObj's tick loop;
+- at most ``MAX_UNKNOWN_CONNECTIONS`` incoming connections may be waiting to identify
+  (the oldest is closed), and each gets ``conf.connectionTimeout`` to do so;
+- utility messages (``syncobj_admin``: status/add/remove/set_version/transfer) are
+  refused: membership and leadership are managed through raftsync, not the Raft port.
+
+It is the seam where a later issue replaces the pickle wire entirely: the engine only
+passes ``transportClass=RaftTransport`` to ``SyncObj``.
+
+Everything here runs on PySyncObj's tick thread. It relies on internals of
+``pysyncobj==0.3.17`` (pinned exactly): the name-mangled ``_TcpConnection__*`` and
+``_TcpServer__*`` members and ``TCPTransport``'s private helpers; each use says why.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import socket
+import struct
+import time
+
+from pysyncobj.monotonic import monotonic as monotonicTime
+from pysyncobj.poller import POLL_EVENT_TYPE
+from pysyncobj.tcp_connection import TcpConnection
+from pysyncobj.tcp_server import TcpServer
+from pysyncobj.transport import TCPTransport
+from pysyncobj.dns_resolver import globalDnsResolver
+
+log = logging.getLogger("raftsync.engine.transport")
+
+# What PySyncObj really sends (with raftsync's settings): append_entries batches of
+# entries until their command bytes reach appendEntriesBatchSizeBytes (64 KiB), so at
+# most 64 KiB plus one entry (commands are <= codec.MAX_COMMAND_BYTES = 48 KiB);
+# a single entry of >= 64 KiB would go in 64 KiB pieces; snapshots go in
+# logCompactionBatchSize (64 KiB) chunks; forwarded commands are one command each.
+# Pickle + zlib add little, Fernet adds base64 (x4/3) and ~60 bytes: frames stay under
+# ~200 KiB. 8 MiB leaves 40x headroom and still bounds a connection's buffer.
+MAX_FRAME_BYTES = 8 * 1024 * 1024
+# Before a connection has delivered one frame that decoded, it may send only this much
+# in total. Legitimate peers send one ~150-byte frame (their random key) and then wait.
+MAX_UNAUTHENTICATED_BYTES = 64 * 1024
+# Incoming connections that have not yet identified as a peer; more close the oldest.
+MAX_UNKNOWN_CONNECTIONS = 64
+# Once a whole frame is buffered, stop reading at this much so the parser runs first
+# (upstream reads until the socket is empty, unbounded while the peer keeps sending,
+# and its parser re-copies the rest of the buffer after every frame).
+READ_AHEAD_BYTES = 256 * 1024
+# Connections accepted per readiness event (upstream: one), so a flood of connects
+# does not starve peers of the listen backlog (upstream listens with a backlog of 5).
+ACCEPTS_PER_EVENT = 16
+# accept() errors that concern one pending connection or a passing resource shortage;
+# upstream unbinds the server for good on any of them, leaving the node deaf.
+_TRANSIENT_ACCEPT_ERRORS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EMFILE,
+                            errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_LENGTH = struct.Struct("i")  # upstream packs the length as a native signed int
+
+
+class _Throttled:
+    """Warn at most once per ``interval`` seconds, counting what was suppressed, so a
+    hostile client cannot flood the engine's log."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, message: str, *args, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        suppressed, self._suppressed, self._next = self._suppressed, 0, now + self._interval
+        if suppressed:
+            message += " (%d more Raft port warnings suppressed)"
+            args += (suppressed,)
+        log.warning(message, *args, exc_info=exc_info)
+
+
+_warn = _Throttled()
+
+
+class GuardedTcpConnection(TcpConnection):
+    """A ``TcpConnection`` that validates frame lengths as bytes arrive, bounds what an
+    unauthenticated sender may make it buffer, and never raises into the poller."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._authenticated = False
+        self._unauthenticatedBytes = 0
+        super().__init__(*args, **kwargs)
+
+    # Why: connect() reuses this object for a new outgoing connection (upstream resets
+    # its buffers there); the new peer has to authenticate afresh.
+    def connect(self, host, port):
+        self._authenticated = False
+        self._unauthenticatedBytes = 0
+        return super().connect(host, port)
+
+    # Why: upstream's poller callback (reads, parses, and runs the transport's and
+    # SyncObj's message callbacks) lets any exception escape into SyncObj._onTick,
+    # which aborts that tick and sleeps. A connection whose events raise is dropped.
+    def _TcpConnection__processConnection(self, descr, eventType):
+        try:
+            TcpConnection._TcpConnection__processConnection(self, descr, eventType)
+        except Exception:
+            _warn.warning("dropping a Raft connection whose input raised", exc_info=True)
+            self._drop(None)
+
+    # Why: upstream reads until the socket is empty, appending to its buffer without
+    # looking at it. Validate the buffered frame header and the unauthenticated budget
+    # after every read, and stop reading once a whole frame is ready for parsing.
+    def _TcpConnection__processRead(self):
+        if not self._wantsMoreData():
+            return False
+        before = len(self._TcpConnection__readBuffer)
+        if not TcpConnection._TcpConnection__processRead(self):
+            return False
+        if not self._authenticated:
+            self._unauthenticatedBytes += len(self._TcpConnection__readBuffer) - before
+        return self._wantsMoreData()
+
+    # Why: upstream parses a frame of any declared length (negative ones included) and
+    # gives no signal that a frame decoded; the first one that does authenticates the
+    # connection (with a password, only the password's holder can produce one).
+    def _TcpConnection__processParseMessage(self):
+        problem = self._headerProblem()
+        if problem:
+            self._drop(problem)
+            return None
+        message = TcpConnection._TcpConnection__processParseMessage(self)
+        if message is not None:
+            self._authenticated = True
+        return message
+
+    def _frameLimit(self) -> int:
+        return MAX_FRAME_BYTES if self._authenticated else MAX_UNAUTHENTICATED_BYTES
+
+    def _headerProblem(self) -> str | None:
+        buffer = self._TcpConnection__readBuffer
+        if len(buffer) < _LENGTH.size:
+            return None
+        (length,) = _LENGTH.unpack_from(buffer)
+        if length < 0 or length > self._frameLimit():
+            return f"declared frame length {length} (limit {self._frameLimit()})"
+        return None
+
+    def _wantsMoreData(self) -> bool:
+        """False: stop reading, because the connection was dropped or a whole frame is
+        buffered and the buffer is already large."""
+        if not self._authenticated and self._unauthenticatedBytes > MAX_UNAUTHENTICATED_BYTES:
+            return self._drop(f"over {MAX_UNAUTHENTICATED_BYTES} bytes before authenticating")
+        problem = self._headerProblem()
+        if problem:
+            return self._drop(problem)
+        buffer = self._TcpConnection__readBuffer
+        if len(buffer) < _LENGTH.size:
+            return True
+        return len(buffer) < READ_AHEAD_BYTES or len(buffer) < _LENGTH.size + _LENGTH.unpack_from(buffer)[0]
+
+    def _drop(self, reason: str | None) -> bool:
+        if reason:
+            _warn.warning("dropping a Raft connection: %s", reason)
+        try:
+            self.disconnect()
+        except Exception:
+            _warn.warning("disconnecting a Raft connection raised", exc_info=True)
+        return False
+
+
+class _GuardedTcpServer(TcpServer):
+    """A ``TcpServer`` that makes ``GuardedTcpConnection`` objects."""
+
+    def __init__(self, poller, host, port, onNewConnection, sendBufferSize=2 ** 13, recvBufferSize=2 ** 13,
+                 connectionTimeout=3.5, keepalive=None) -> None:
+        super().__init__(poller, host, port, onNewConnection, sendBufferSize=sendBufferSize,
+                         recvBufferSize=recvBufferSize, connectionTimeout=connectionTimeout, keepalive=keepalive)
+        self._poller = poller
+        self._onNew = onNewConnection
+        self._sendBufferSize = sendBufferSize
+        self._recvBufferSize = recvBufferSize
+        self._connectionTimeout = connectionTimeout
+        self._keepalive = keepalive
+
+    # Why: upstream's accept handler (subscribed by TcpServer.bind under this mangled
+    # name) hard-codes TcpConnection, accepts one connection per event, and unbinds the
+    # server for good on any accept error, e.g. EMFILE during a connection flood.
+    def _TcpServer__onNewConnection(self, descr, event):
+        if event & POLL_EVENT_TYPE.READ:
+            for _ in range(ACCEPTS_PER_EVENT):
+                try:
+                    sock, _ = self._TcpServer__socket.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    if exc.errno in _TRANSIENT_ACCEPT_ERRORS:
+                        _warn.warning("accept on the Raft port failed: %s", exc)
+                        break
+                    log.error("accept on the Raft port failed; closing it: %s", exc)
+                    self.unbind()
+                    return
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sendBufferSize)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._recvBufferSize)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.setblocking(False)
+                    conn = GuardedTcpConnection(poller=self._poller, socket=sock, timeout=self._connectionTimeout,
+                                                sendBufferSize=self._sendBufferSize,
+                                                recvBufferSize=self._recvBufferSize, keepalive=self._keepalive)
+                except OSError as exc:  # e.g. the client reset the connection already
+                    _warn.warning("setting up a Raft connection failed: %s", exc)
+                    sock.close()
+                    continue
+                self._onNew(conn)
+        if event & POLL_EVENT_TYPE.ERROR:
+            self.unbind()
+
+
+class RaftTransport(TCPTransport):
+    """PySyncObj's TCP transport with the limits described in the module docstring."""
+
+    def __init__(self, syncObj, selfNode, otherNodes) -> None:
+        # Incoming connections waiting to identify -> when accepted, oldest first.
+        # Set before super().__init__, which already creates the server and connections.
+        self._unknownSince: dict[TcpConnection, float] = {}
+        super().__init__(syncObj, selfNode, otherNodes)
+
+    # Why: SyncObj registers the syncobj_admin commands (status, add, remove,
+    # set_version, transfer) here, and upstream then serves them to any connection that
+    # sends a list instead of identifying. Register none; such connections are dropped
+    # in _onIncomingMessageReceived below.
+    def setOnUtilityMessageCallback(self, message, callback):
+        pass
+
+    # Why: same as upstream 0.3.17 (bind host from conf.bindAddress or the node's own
+    # address), except for the server class, which makes guarded connections.
+    def _createServer(self):
+        conf = self._syncObj.conf
+        selfAddress = getattr(self._selfNode, "address")
+        if conf.bindAddress is not None:
+            host, port = conf.bindAddress.rsplit(":", 1)
+        elif selfAddress is not None:
+            host, port = selfAddress.rsplit(":", 1)
+            host = "::" if ":" in host else "0.0.0.0"
+        else:
+            raise RuntimeError("Unable to determine bind address")
+        if host != "0.0.0.0":
+            host = globalDnsResolver().resolve(host)
+        self._server = _GuardedTcpServer(self._syncObj._poller, host, port,
+                                         onNewConnection=self._onNewIncomingConnection,
+                                         sendBufferSize=conf.sendBufferSize, recvBufferSize=conf.recvBufferSize,
+                                         connectionTimeout=conf.connectionTimeout)
+
+    # Why: same as upstream 0.3.17, except that outgoing connections are guarded too
+    # (whatever listens at a peer's address may be hostile, e.g. while the peer is down).
+    def addNode(self, node):
+        self._nodes.add(node)
+        self._nodeAddrToNode[node.address] = node
+        if self._shouldConnect(node):
+            conf = self._syncObj.conf
+            conn = GuardedTcpConnection(poller=self._syncObj._poller, timeout=conf.connectionTimeout,
+                                        sendBufferSize=conf.sendBufferSize, recvBufferSize=conf.recvBufferSize,
+                                        keepalive=conf.tcp_keepalive)
+            conn.encryptor = self._syncObj.encryptor
+            conn.setOnConnectedCallback(functools.partial(self._onOutgoingConnected, conn))
+            conn.setOnMessageReceivedCallback(functools.partial(self._onMessageReceived, node))
+            conn.setOnDisconnectedCallback(functools.partial(self._onDisconnected, conn))
+            self._connections[node] = conn
+
+    # Why: upstream keeps any number of connections that never identify (a silent one
+    # is never even timed out, as timeouts are only checked on socket events). Track
+    # them in arrival order and close the oldest beyond MAX_UNKNOWN_CONNECTIONS.
+    def _onNewIncomingConnection(self, conn):
+        try:
+            super()._onNewIncomingConnection(conn)
+            self._unknownSince[conn] = monotonicTime()
+            self._forgetIdentified()
+            while len(self._unknownSince) > MAX_UNKNOWN_CONNECTIONS:
+                oldest = next(iter(self._unknownSince))
+                _warn.warning("over %d unidentified connections on the Raft port; closing the oldest",
+                              MAX_UNKNOWN_CONNECTIONS)
+                self._closeUnknown(oldest)
+        except Exception:
+            _warn.warning("setting up an incoming Raft connection raised", exc_info=True)
+            self._closeUnknown(conn)
+
+    # Why: upstream treats the first message after the key exchange as a utility
+    # command if it is a list (served to anyone: refused here) and otherwise looks it up
+    # as a node address, which raises TypeError for an unhashable value. Only a str
+    # (a peer's address, or 'readonly') may identify; the key itself must be bytes.
+    def _onIncomingMessageReceived(self, conn, message):
+        keyExchanged = conn.sendRandKey or not self._syncObj.encryptor
+        if keyExchanged and not isinstance(message, str):
+            if isinstance(message, list):
+                _warn.warning("refused a utility message (syncobj_admin) on the Raft port")
+            else:
+                _warn.warning("dropping a Raft connection that identified as a %s", type(message).__name__)
+            self._closeUnknown(conn)
+            return
+        if not keyExchanged and not isinstance(message, bytes):
+            _warn.warning("dropping a Raft connection whose key is a %s", type(message).__name__)
+            self._closeUnknown(conn)
+            return
+        super()._onIncomingMessageReceived(conn, message)
+
+    # Why: unidentified connections get conf.connectionTimeout to identify; checked
+    # here because upstream checks a connection's timeout only when it has events.
+    def _onTick(self):
+        try:
+            super()._onTick()  # binds the server, connects to peers
+        except Exception:
+            _warn.warning("the Raft transport's tick raised", exc_info=True)
+        try:
+            self._forgetIdentified()
+            deadline = monotonicTime() - self._syncObj.conf.connectionTimeout
+            for conn, since in list(self._unknownSince.items()):
+                if since >= deadline:
+                    break
+                _warn.warning("closing a Raft connection that did not identify in time")
+                self._closeUnknown(conn)
+        except Exception:
+            _warn.warning("expiring unidentified Raft connections raised", exc_info=True)
+
+    def _forgetIdentified(self) -> None:
+        """Forget tracked connections upstream no longer counts as unknown (identified,
+        or disconnected and discarded by its _onDisconnected)."""
+        for conn in [c for c in self._unknownSince if c not in self._unknownConnections]:
+            del self._unknownSince[conn]
+
+    def _closeUnknown(self, conn) -> None:
+        self._unknownSince.pop(conn, None)
+        self._unknownConnections.discard(conn)
+        try:
+            conn.disconnect()
+        except Exception:
+            _warn.warning("disconnecting a Raft connection raised", exc_info=True)
