@@ -22,6 +22,8 @@ from typing import Any, Callable
 from raftsync import Node, RaftsyncError
 from raftsync.channel import FrameDecoder, pack_frame
 
+from .load import burn_cpu
+
 
 class Agent:
     def __init__(self, node: Node) -> None:
@@ -194,16 +196,7 @@ class Agent:
 
     def op_burn_cpu(self, threads: int, seconds: float) -> bool:
         """Pure-Python CPU load in this (the app's) process, as a busy application would."""
-        def burn() -> None:
-            end = time.monotonic() + seconds
-            x = 0
-            while time.monotonic() < end:
-                for i in range(10000):
-                    x += i * i
-        for _ in range(threads):
-            thread = threading.Thread(target=burn, daemon=True)
-            thread.start()
-            self._burners.append(thread)
+        self._burners.extend(burn_cpu(threads, seconds))
         return True
 
     def op_sessions(self) -> list[list[Any]]:

@@ -126,7 +126,6 @@ class NodeProcess:
         env.update({
             "RAFTSYNC_SELF": self.address,
             "RAFTSYNC_PEERS": ",".join(a for a in self.cluster.addresses if a != self.address),
-            "RAFTSYNC_PASSWORD": self.cluster.password,
             "RAFTSYNC_DATA_DIR": str(self.data_dir),
             "RAFTSYNC_SESSION_TTL": str(self.cluster.session_ttl),
             "RAFTSYNC_ENGINE": self.cluster.engine,
@@ -134,6 +133,9 @@ class NodeProcess:
             "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
             "PYTHONUNBUFFERED": "1",
         })
+        env.pop("RAFTSYNC_PASSWORD", None)
+        if self.cluster.password:
+            env["RAFTSYNC_PASSWORD"] = self.cluster.password
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "cluster.agent"], env=env, cwd=str(REPO_ROOT),
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
@@ -228,13 +230,16 @@ class LocalCluster:
     """N node processes on 127.0.0.1 with a random password; use as a context manager."""
 
     def __init__(self, size: int = 3, base_dir: str | os.PathLike | None = None, engine: str = "process",
-                 session_ttl: float = 3.0, password: str | None = None, **settings: Any) -> None:
+                 session_ttl: float = 3.0, password: str | None = None, encrypted: bool = True,
+                 **settings: Any) -> None:
+        """``encrypted=False`` runs without a password (allowed on loopback only): for
+        benchmarks that compare with unencrypted baselines."""
         self._own_dir = base_dir is None
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="raftsync-cluster-"))
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.engine = engine
         self.session_ttl = session_ttl
-        self.password = password or secrets.token_urlsafe(16)
+        self.password = (password or secrets.token_urlsafe(16)) if encrypted else None
         self.settings = settings
         self.addresses = [f"127.0.0.1:{port}" for port in free_ports(size)]
         self.nodes = [NodeProcess(self, i, address) for i, address in enumerate(self.addresses)]

@@ -88,3 +88,13 @@ def test_port_in_use_is_a_config_error_naming_the_address(tmp_path):
             Node(address, peers=[], engine="thread", bind_retries=1).start()
     finally:
         blocker.close()
+
+
+def test_raft_port_binds_only_the_nodes_own_address(node):
+    import socket
+
+    port = int(node.address.rsplit(":", 1)[1])
+    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    # Had PySyncObj bound 0.0.0.0, any other local address would reach the port too.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", port), timeout=2).close()

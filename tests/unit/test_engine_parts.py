@@ -1,0 +1,87 @@
+"""The engine's pure parts, without a cluster: deadlines and watch fan-out."""
+
+from raftsync.channel import Msg
+from raftsync.codec import Op, encode_command
+from raftsync.engine.deadlines import Deadlines
+from raftsync.engine.watches import Watches
+import raftsync.machine.kv as kv_module
+from raftsync.machine import StateMachine
+
+
+def test_deadlines_expire_once_per_token_and_renewal_wins():
+    deadlines = Deadlines()
+    deadlines.observe("s", token=5, ttl=1.0, now=100.0)
+    assert deadlines.due(100.9) == []
+    assert deadlines.due(101.1) == [("s", 5)]
+    assert deadlines.due(101.2) == []  # already proposed
+    deadlines.proposal_failed("s", 5)
+    assert deadlines.due(101.3) == [("s", 5)]  # proposed again after a failure
+    deadlines.observe("s", token=9, ttl=1.0, now=101.4)  # a renewal
+    assert deadlines.due(102.0) == []
+    assert abs(deadlines.remaining("s", 9, 102.0) - 0.4) < 1e-9
+    assert deadlines.remaining("s", 5, 102.0) is None
+
+
+def test_a_new_leader_restarts_every_clock():
+    deadlines = Deadlines()
+    deadlines.observe("old", token=1, ttl=1.0, now=0.0)
+    deadlines.reset([("old", 1, 1.0), ("other", 2, 2.0)], now=50.0)
+    assert deadlines.due(50.9) == []
+    assert deadlines.due(51.5) == [("old", 1)]
+
+
+class _Collector:
+    def __init__(self):
+        self.sent = []
+
+    def __call__(self, message):
+        assert message[0] == Msg.NOTIFY
+        self.sent.append(message[1][1:])
+
+
+def _apply(machine, watches, op, session_id, seq, args):
+    effects = []
+    machine.apply(encode_command(op, session_id, seq, seq, args), effects)
+    watches.on_effects(machine, effects)
+
+
+def test_kv_watch_replays_history_then_live_changes_in_order():
+    machine, sent = StateMachine(), _Collector()
+    watches = Watches(sent)
+    machine.apply(encode_command(Op.OPEN_SESSION, 7, 0, 0, [3000]))
+    _apply(machine, watches, Op.KV_PUT, 7, 1, ["a/1", b"x", None])
+    start = machine.index
+    _apply(machine, watches, Op.KV_PUT, 7, 2, ["a/2", b"y", None])
+    _apply(machine, watches, Op.KV_PUT, 7, 3, ["b/1", b"z", None])
+    watches.add(machine, 1, "kv", "a/", start)
+    _apply(machine, watches, Op.KV_DELETE, 7, 4, ["a/1", None])
+    _apply(machine, watches, Op.KV_PUT, 7, 5, ["b/2", b"w", None])
+    assert sent.sent == [[1, "kv", [start + 1, "a/2", b"y", 1]], [1, "kv", [start + 3, "a/1", None, 0]]]
+
+
+def test_kv_watch_from_a_trimmed_revision_reports_compacted(monkeypatch):
+    monkeypatch.setattr(kv_module, "HISTORY_MAX_ENTRIES", 3)
+    machine, sent = StateMachine(), _Collector()
+    watches = Watches(sent)
+    machine.apply(encode_command(Op.OPEN_SESSION, 7, 0, 0, [3000]))
+    for seq in range(1, 6):
+        _apply(machine, watches, Op.KV_PUT, 7, seq, [f"k{seq}", b"v", None])
+    assert machine.kv.compacted_revision > 1
+    watches.add(machine, 1, "kv", "", 1)
+    assert sent.sent == [[1, "compacted", machine.kv.compacted_revision]]
+    watches.add(machine, 2, "kv", "", machine.kv.compacted_revision)
+    assert [m[2][1] for m in sent.sent[1:]] == ["k3", "k4", "k5"]
+
+
+def test_watch_catches_up_after_a_snapshot_replaced_the_machine():
+    machine, sent = StateMachine(), _Collector()
+    watches = Watches(sent)
+    machine.apply(encode_command(Op.OPEN_SESSION, 7, 0, 0, [3000]))
+    watches.add(machine, 1, "kv", "", None)
+    watches.add(machine, 2, "leader", "g", None)
+    ahead = StateMachine.restore(machine.snapshot())
+    ahead.apply(encode_command(Op.KV_PUT, 7, 1, 1, ["k", b"1", None]))
+    ahead.apply(encode_command(Op.LEADER_CAMPAIGN, 7, 2, 2, ["g", 1, "c", b"v", True]))
+    watches.on_restored(ahead)  # the effects of those two commands were never seen here
+    assert sent.sent == [[2, "leader", None], [1, "kv", [ahead.index - 1, "k", b"1", 1]],
+                         [2, "leader", ["c", b"v", ahead.index]]]
