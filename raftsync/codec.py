@@ -20,7 +20,8 @@ from typing import Any
 
 import msgpack
 
-from .errors import BadRequest, TooLarge
+from .errors import (BadRequest, Conflict, NotFound, NotHeld, RaftsyncError, SessionExpired,
+                     TooLarge)
 
 CODEC_VERSION = 1
 MAX_COMMAND_BYTES = 48 * 1024
@@ -149,3 +150,23 @@ def check_value(value: Any) -> bytes:
     if len(value) > MAX_VALUE_BYTES:
         raise TooLarge(f"value is {len(value)} bytes, limit {MAX_VALUE_BYTES}")
     return value
+
+
+def raise_for_status(status: int, payload: Any, what: str = "") -> None:
+    """Turn a machine result status into the matching typed exception."""
+    if status == Status.OK:
+        return
+    detail = f"{what}: {payload}" if payload not in (None, []) else what
+    if status == Status.NOT_FOUND:
+        raise NotFound(what or "not found")
+    if status == Status.CONFLICT:
+        raise Conflict(detail)
+    if status == Status.NOT_HELD:
+        raise NotHeld(what or "not held")
+    if status == Status.SESSION_EXPIRED:
+        raise SessionExpired(what or "session expired")
+    if status == Status.TOO_LARGE:
+        raise TooLarge(detail)
+    if status == Status.BAD_COMMAND:
+        raise BadRequest(detail)
+    raise RaftsyncError(f"state machine answered {Status(status).name}: {detail}")

@@ -34,7 +34,8 @@ from .watch import WatchStream
 from .codec import Op, Query, Status, check_key, check_value, encode_query
 from .errors import BadRequest, NotFound
 from .session import MAX_TTL, MIN_TTL
-from .replica import Replica, raise_for_status
+from .codec import raise_for_status
+from .replica import Replica
 
 
 @dataclass(frozen=True)

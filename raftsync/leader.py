@@ -28,7 +28,8 @@ from .codec import Op, Query, Status, check_value, encode_query
 from .errors import NotHeld, Timeout
 from .lock import check_name, check_timeout
 from .ownership import Grant, OwnershipTable, session_for
-from .replica import Replica, raise_for_status
+from .codec import raise_for_status
+from .replica import Replica
 from .session import Session
 from .watch import WatchStream
 

@@ -100,7 +100,7 @@ class Node:
     def session(self, ttl: float | None = None, timeout: float | None = 10.0) -> Session:
         """Open a new session (default TTL: the node's ``session_ttl``)."""
         self._require_started()
-        return self._replica.open_session(self.config.session_ttl if ttl is None else ttl, timeout)
+        return self._replica.sessions.open(self.config.session_ttl if ttl is None else ttl, timeout)
 
     @property
     def default_session(self) -> Session:

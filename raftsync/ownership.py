@@ -14,7 +14,8 @@ import time
 from typing import Any, Callable
 
 from .errors import NoQuorum, SessionExpired
-from .replica import Replica, raise_for_status
+from .codec import raise_for_status
+from .replica import Replica
 from .session import Session
 
 Key = tuple[int, int, str]  # (session_id, handle_id, name)
@@ -207,4 +208,4 @@ def session_for(replica: Replica, session: Session | None, ttl: float | None, ti
         return session
     if ttl is None:
         return replica.default_session(timeout)
-    return replica.session_for_ttl(ttl, timeout)
+    return replica.sessions.for_ttl(ttl, timeout)

@@ -16,7 +16,6 @@ import itertools
 import logging
 import os
 import queue
-import secrets
 import socket
 import subprocess
 import sys
@@ -25,35 +24,14 @@ import time
 from typing import Any, Callable
 
 from .channel import BlockingChannel, Failure, Msg
-from .codec import Op, Status, decode_result, encode_command
+from .codec import decode_result, encode_command
 from .config import NodeConfig
-from .errors import (BadRequest, Closed, Conflict, ConfigError, NoQuorum, NotFound, NotHeld, RaftsyncError,
-                     SessionExpired, Timeout, TooLarge)
-from .session import MAX_TTL, MIN_TTL, Session
+from .errors import BadRequest, Closed, ConfigError, NoQuorum, RaftsyncError, SessionExpired, Timeout
+from .session import Session, SessionKeeper
 
 log = logging.getLogger("raftsync.replica")
 
 PING_INTERVAL = 0.1
-
-
-def raise_for_status(status: int, payload: Any, what: str = "") -> None:
-    """Turn a machine result status into the matching typed exception."""
-    if status == Status.OK:
-        return
-    detail = f"{what}: {payload}" if payload not in (None, []) else what
-    if status == Status.NOT_FOUND:
-        raise NotFound(what or "not found")
-    if status == Status.CONFLICT:
-        raise Conflict(detail)
-    if status == Status.NOT_HELD:
-        raise NotHeld(what or "not held")
-    if status == Status.SESSION_EXPIRED:
-        raise SessionExpired(what or "session expired")
-    if status == Status.TOO_LARGE:
-        raise TooLarge(detail)
-    if status == Status.BAD_COMMAND:
-        raise BadRequest(detail)
-    raise RaftsyncError(f"state machine answered {Status(status).name}: {detail}")
 
 
 class _Pending:
@@ -80,23 +58,16 @@ class Replica:
         self.term = 0
         self.has_quorum = False
         self._unavailable_since: float | None = time.monotonic()
-        # sessions
-        self._sessions: dict[int, Session] = {}
-        self._sessions_lock = threading.Lock()
-        self._watchdog_wake = threading.Condition(self._sessions_lock)
-        self._default: Session | None = None
-        self._default_ready = threading.Condition()
         self._listeners: dict[str, list[Callable[[list[Any]], None]]] = {}
         self._watches: dict[int, Callable[[str, Any], None]] = {}
         self._attachments: dict[str, Any] = {}
         self._attachments_lock = threading.Lock()
-        self._ttl_sessions: dict[float, Session] = {}
-        self._ttl_sessions_lock = threading.Lock()
         self._callbacks: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = threading.Event()
         self._closed = threading.Event()
         self._engine_gone = threading.Event()
         self.engine_pid: int | None = None
+        self.sessions = SessionKeeper(self)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -125,9 +96,9 @@ class Replica:
         self.engine_pid = reply[1].get("pid")
         app_end.settimeout(None)
         for target, name in ((self._read_loop, "reader"), (self._ping_loop, "pinger"),
-                             (self._watchdog_loop, "watchdog"), (self._dispatch_loop, "callbacks")):
+                             (self._dispatch_loop, "callbacks")):
             threading.Thread(target=target, name=f"raftsync-{name}", daemon=True).start()
-        threading.Thread(target=self._keep_default_session, name="raftsync-session", daemon=True).start()
+        self.sessions.start()
 
     def _run_engine_thread(self, sock: socket.socket) -> None:
         from .engine.core import run_engine
@@ -142,17 +113,10 @@ class Replica:
         if self._closing.is_set():
             return
         self._closing.set()  # no replacement default session from here on
-        with self._sessions_lock:
-            sessions = [s for s in self._sessions.values() if not s.lost.is_set()]
         deadline = time.monotonic() + timeout
-        for session in sessions:
-            try:
-                self.close_session(session, max(0.1, deadline - time.monotonic()))
-            except RaftsyncError:
-                pass
+        self.sessions.close_all(timeout)
         self._closed.set()
-        with self._default_ready:
-            self._default_ready.notify_all()
+        self.sessions.stop()
         try:
             self._channel.send([Msg.CLOSE])
         except OSError:
@@ -160,8 +124,6 @@ class Replica:
         self._shutdown_engine(max(0.5, deadline - time.monotonic()))
         self._channel.close()
         self._callbacks.put(None)
-        with self._watchdog_wake:
-            self._watchdog_wake.notify_all()
 
     def _shutdown_engine(self, timeout: float = 2.0) -> None:
         if self._engine_process is not None:
@@ -173,7 +135,12 @@ class Replica:
         if self._engine_thread is not None:
             self._engine_thread.join(timeout)
 
-    def _check_open(self) -> None:
+    @property
+    def serving(self) -> bool:
+        """False once the node is closing or its engine has exited."""
+        return not self._closing.is_set() and not self._engine_gone.is_set()
+
+    def check_open(self) -> None:
         if self._closed.is_set():
             raise Closed("node is closed")
         if self._engine_gone.is_set():
@@ -197,14 +164,11 @@ class Replica:
             item.event.set()
         with self._state_changed:
             self._state_changed.notify_all()
-        with self._default_ready:
-            self._default_ready.notify_all()
         for deliver in list(self._watches.values()):
             deliver("closed", None)
         if not self._closed.is_set():
             log.error("raftsync engine exited; this node can no longer serve")
-            for session in list(self._sessions.values()):
-                self._lose(session, "engine exited")
+        self.notify_listeners(["engine_gone"])
 
     def _on_message(self, message: list[Any]) -> None:
         kind = message[0]
@@ -226,25 +190,19 @@ class Replica:
             self._on_notify(message[1])
 
     def _on_notify(self, effect: list[Any]) -> None:
-        kind = effect[0]
-        if kind == "keepalive_ack":
-            with self._sessions_lock:
-                for session_id in effect[1]:
-                    session = self._sessions.get(session_id)
-                    if session is not None:
-                        session._extend(effect[2])
-                self._watchdog_wake.notify_all()
-        elif kind == "session_ended":
-            session = self._sessions.get(effect[1])
-            if session is not None:
-                self._lose(session, f"session {effect[2]} by the cluster")
-        elif kind == "watch":
+        if effect[0] == "watch":
             deliver = self._watches.get(effect[1])
             if deliver is not None:
                 deliver(effect[2], effect[3])
             return
-        for listener in self._listeners.get(kind, ()):
-            listener(effect)
+        self.notify_listeners(effect)
+
+    def notify_listeners(self, effect: list[Any]) -> None:
+        for listener in self._listeners.get(effect[0], ()):
+            try:
+                listener(effect)
+            except Exception:
+                log.exception("listener for %s failed", effect[0])
 
     def add_listener(self, kind: str, listener: Callable[[list[Any]], None]) -> None:
         """Run ``listener(effect)`` on the reader thread for each notification of ``kind``.
@@ -252,7 +210,7 @@ class Replica:
         self._listeners.setdefault(kind, []).append(listener)
 
     def add_watch(self, watch_id: int, deliver: Callable[[str, Any], None]) -> None:
-        self._check_open()
+        self.check_open()
         self._watches[watch_id] = deliver
 
     def remove_watch(self, watch_id: int) -> None:
@@ -263,7 +221,7 @@ class Replica:
                 pass
 
     def send_frame(self, message: list[Any]) -> None:
-        self._check_open()
+        self.check_open()
         self._channel.send(message)
 
     def attachment(self, key: str, factory: Callable[["Replica"], Any]) -> Any:
@@ -304,23 +262,6 @@ class Replica:
         """Run a user callback on the dispatcher thread."""
         self._callbacks.put((callback, args))
 
-    def _watchdog_loop(self) -> None:
-        with self._watchdog_wake:
-            while not self._closed.is_set():
-                now = time.monotonic()
-                live = [s for s in self._sessions.values() if not s.lost.is_set()]
-                expired = [s for s in live if s.safe_until <= now]
-                if expired:
-                    self._watchdog_wake.release()
-                    try:
-                        for session in expired:
-                            self._lose(session, "no keepalive acknowledged within the TTL")
-                    finally:
-                        self._watchdog_wake.acquire()
-                    continue
-                next_deadline = min((s.safe_until for s in live), default=now + 60.0)
-                self._watchdog_wake.wait(min(60.0, max(0.0, next_deadline - now)))
-
     # -- requests --------------------------------------------------------------------
 
     def _request(self, message: list[Any], deadline: float) -> list[Any] | None:
@@ -334,11 +275,11 @@ class Replica:
             try:
                 self._channel.send(message)
             except OSError:
-                self._check_open()
+                self.check_open()
                 raise Closed("channel to the engine is closed") from None
             pending.event.wait(max(0.0, deadline - time.monotonic()))
             if pending.reply is None:
-                self._check_open()
+                self.check_open()
             return pending.reply
         finally:
             with self._requests_lock:
@@ -348,7 +289,7 @@ class Replica:
         """Block until the engine knows a leader with a quorum; NoQuorum past quorum_timeout."""
         with self._state_changed:
             while True:
-                self._check_open()
+                self.check_open()
                 if self.leader is not None and self.has_quorum:
                     return
                 now = time.monotonic()
@@ -367,7 +308,7 @@ class Replica:
 
     def _exchange(self, make_message: Callable[[], list[Any]], timeout: float | None, what: str) -> Any:
         """The one retry loop: resend until a RESULT arrives, the deadline or NoQuorum."""
-        self._check_open()
+        self.check_open()
         started = time.monotonic()
         deadline = started + timeout if timeout is not None else float("inf")
         attempt = 0
@@ -386,9 +327,9 @@ class Replica:
                 self._backoff(attempt, deadline)
 
     def submit(self, session: Session, op: int, args: list[Any], timeout: float | None,
-               what: str = "") -> tuple[int, Any]:
+               what: str = "", allow_lost: bool = False) -> tuple[int, Any]:
         """Propose a command for ``session`` and return (status, payload)."""
-        if session.lost.is_set():
+        if session.lost.is_set() and not allow_lost:
             raise SessionExpired(f"session {session.id:#x} is lost ({session.lost_reason})")
         seq, acked_below = session._begin()
         try:
@@ -407,7 +348,7 @@ class Replica:
             raise BadRequest("consistency must be 'linearizable' or 'local'")
         linearizable = consistency == "linearizable"
         if not linearizable:
-            self._check_open()
+            self.check_open()
             reply = self._request([Msg.READ, 0, query, False], time.monotonic() + (timeout or 30.0))
             if reply is None or reply[0] != Msg.RESULT:
                 raise Timeout("local read got no answer")
@@ -415,7 +356,7 @@ class Replica:
         return decode_result(self._exchange(lambda: [Msg.READ, 0, query, True], timeout, "read"))
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
-        self._check_open()
+        self.check_open()
         reply = self._request([Msg.STATUS, 0], time.monotonic() + timeout)
         if reply is None:
             raise Timeout("engine status got no answer")
@@ -425,103 +366,10 @@ class Replica:
         """Test hook: the engine drops the next ``count`` command results."""
         self._channel.send([Msg.TEST_DROP_REPLY, count])
 
-    # -- sessions --------------------------------------------------------------------
-
-    def open_session(self, ttl: float, timeout: float | None = None) -> Session:
-        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not MIN_TTL <= ttl <= MAX_TTL:
-            raise BadRequest(f"ttl must be a number of seconds between {MIN_TTL} and {MAX_TTL}")
-        session = Session(secrets.randbits(62) | 1, float(ttl), self)
-        command = encode_command(Op.OPEN_SESSION, session.id, 0, 0, [int(ttl * 1000)])
-        sent_at = time.monotonic()
-        status, payload = self.submit_engine_command(command, timeout, "open session")
-        raise_for_status(status, payload, "open session")
-        with self._sessions_lock:
-            self._sessions[session.id] = session
-            session._extend(sent_at)
-            self._watchdog_wake.notify_all()
-        self._channel.send([Msg.OWN, session.id, int(ttl * 1000)])
-        return session
-
-    def session_by_id(self, session_id: int) -> Session | None:
-        with self._sessions_lock:
-            return self._sessions.get(session_id)
-
-    def session_for_ttl(self, ttl: float, timeout: float | None) -> Session:
-        """A shared session with this TTL (for locks given their own ttl), reopened when lost."""
-        if ttl == self.config.session_ttl:
-            return self.default_session(timeout)
-        with self._ttl_sessions_lock:
-            session = self._ttl_sessions.get(ttl)
-            if session is None or session.lost.is_set():
-                session = self._ttl_sessions[ttl] = self.open_session(ttl, timeout)
-            return session
-
-    def close_session(self, session: Session, timeout: float | None) -> None:
-        if session.lost.is_set():
-            return
-        try:
-            status, payload = self.submit(session, Op.CLOSE_SESSION, [], timeout, "close session")
-            if status not in (Status.OK, Status.SESSION_EXPIRED):
-                raise_for_status(status, payload, "close session")
-        finally:
-            self._lose(session, "closed")
-
-    def _lose(self, session: Session, reason: str) -> None:
-        callbacks = session._mark_lost(reason)
-        with self._sessions_lock:
-            if self._sessions.pop(session.id, None) is None:
-                return
-        try:
-            self._channel.send([Msg.DISOWN, session.id])
-        except OSError:
-            pass
-        for callback in callbacks:
-            self.call_soon(callback, session)
-        for listener in self._listeners.get("session_lost", ()):
-            listener(["session_lost", session.id])
-        if reason != "closed" and not self._closing.is_set() and not self._engine_gone.is_set():
-            # The app has been told it is lost: make that true in the cluster too.
-            threading.Thread(target=self._close_quietly, args=(session,), daemon=True).start()
-        if session is self._default:
-            with self._default_ready:
-                self._default_ready.notify_all()
-
-    def _close_quietly(self, session: Session) -> None:
-        seq, acked_below = session._begin()
-        command = encode_command(Op.CLOSE_SESSION, session.id, seq, acked_below, [])
-        try:
-            self._exchange(lambda: [Msg.SUBMIT, 0, command], session.ttl * 3, "close lost session")
-        except RaftsyncError:
-            pass  # it expires on its own: nothing keeps it alive any more
-
-    def _keep_default_session(self) -> None:
-        """Open the default session, and a fresh one whenever it is lost."""
-        while not self._closing.is_set() and not self._engine_gone.is_set():
-            try:
-                session = self.open_session(self.config.session_ttl, timeout=None)
-            except NoQuorum:
-                continue
-            except RaftsyncError:
-                if self._closed.is_set() or self._engine_gone.is_set():
-                    return
-                time.sleep(0.1)
-                continue
-            with self._default_ready:
-                self._default = session
-                self._default_ready.notify_all()
-                while not session.lost.is_set() and not self._closed.is_set():
-                    self._default_ready.wait()
+    # -- sessions (see SessionKeeper) ---------------------------------------------------
 
     def default_session(self, timeout: float | None = None) -> Session:
-        """The node's current default session, waiting for one to open if needed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._default_ready:
-            while True:
-                self._check_open()
-                session = self._default
-                if session is not None and not session.lost.is_set():
-                    return session
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise Timeout("no open session yet (is there a leader?)")
-                self._default_ready.wait(remaining)
+        return self.sessions.default(timeout)
+
+    def session_by_id(self, session_id: int) -> Session | None:
+        return self.sessions.by_id(session_id)

@@ -19,9 +19,20 @@ Failure modes
 
 from __future__ import annotations
 
+import logging
+import secrets
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+from .channel import Msg
+from .codec import Op, Status, encode_command, raise_for_status
+from .errors import BadRequest, NoQuorum, RaftsyncError, Timeout
+
+if TYPE_CHECKING:
+    from .replica import Replica
+
+log = logging.getLogger("raftsync.session")
 
 MIN_TTL = 0.3
 MAX_TTL = 86400.0
@@ -79,7 +90,7 @@ class Session:
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Close the session in the cluster, releasing everything it holds at once."""
-        self._replica.close_session(self, timeout)
+        self._replica.sessions.close(self, timeout)
 
     @property
     def alive(self) -> bool:
@@ -97,3 +108,190 @@ class Session:
     def __repr__(self) -> str:
         state = f"lost: {self.lost_reason}" if self.lost.is_set() else "alive"
         return f"<Session {self.id:#x} ttl={self.ttl}s {state}>"
+
+
+class SessionKeeper:
+    """A replica's sessions: opening and closing them, the "safe until" watchdog that
+    reports a session lost before the cluster can expire it, and the node's default
+    session, replaced whenever it is lost."""
+
+    def __init__(self, replica: "Replica") -> None:
+        self._replica = replica
+        self._sessions: dict[int, Session] = {}
+        self._lock = threading.Lock()
+        self._watchdog_wake = threading.Condition(self._lock)
+        self._default: Session | None = None
+        self._default_ready = threading.Condition()
+        self._by_ttl: dict[float, Session] = {}
+        self._by_ttl_lock = threading.Lock()
+        replica.add_listener("keepalive_ack", self._on_keepalive_ack)
+        replica.add_listener("session_ended", self._on_session_ended)
+        replica.add_listener("engine_gone", self._on_engine_gone)
+
+    def start(self) -> None:
+        threading.Thread(target=self._watchdog_loop, name="raftsync-watchdog", daemon=True).start()
+        threading.Thread(target=self._keep_default, name="raftsync-session", daemon=True).start()
+
+    # -- opening and closing -------------------------------------------------------
+
+    def open(self, ttl: float, timeout: float | None = None) -> Session:
+        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not MIN_TTL <= ttl <= MAX_TTL:
+            raise BadRequest(f"ttl must be a number of seconds between {MIN_TTL} and {MAX_TTL}")
+        session = Session(secrets.randbits(62) | 1, float(ttl), self._replica)
+        command = encode_command(Op.OPEN_SESSION, session.id, 0, 0, [int(ttl * 1000)])
+        sent_at = time.monotonic()
+        status, payload = self._replica.submit_engine_command(command, timeout, "open session")
+        if status != Status.OK:
+            raise_for_status(status, payload, "open session")
+        with self._lock:
+            self._sessions[session.id] = session
+            session._extend(sent_at)
+            self._watchdog_wake.notify_all()
+        self._replica.send_frame([Msg.OWN, session.id, int(ttl * 1000)])
+        return session
+
+    def close(self, session: Session, timeout: float | None) -> None:
+        if session.lost.is_set():
+            return
+        try:
+            status, payload = self._replica.submit(session, Op.CLOSE_SESSION, [], timeout, "close session")
+            if status not in (Status.OK, Status.SESSION_EXPIRED):
+                raise_for_status(status, payload, "close session")
+        finally:
+            self.lose(session, "closed")
+
+    def close_all(self, timeout: float) -> None:
+        with self._lock:
+            sessions = [s for s in self._sessions.values() if not s.lost.is_set()]
+        deadline = time.monotonic() + timeout
+        for session in sessions:
+            try:
+                self.close(session, max(0.1, deadline - time.monotonic()))
+            except RaftsyncError:
+                pass
+
+    def stop(self) -> None:
+        with self._default_ready:
+            self._default_ready.notify_all()
+        with self._watchdog_wake:
+            self._watchdog_wake.notify_all()
+
+    # -- lookups -----------------------------------------------------------------------
+
+    def by_id(self, session_id: int) -> Session | None:
+        with self._lock:
+            return self._sessions.get(session_id)
+
+    def for_ttl(self, ttl: float, timeout: float | None) -> Session:
+        """A shared session with this TTL (for locks given their own ttl), reopened when lost."""
+        if ttl == self._replica.config.session_ttl:
+            return self.default(timeout)
+        with self._by_ttl_lock:
+            session = self._by_ttl.get(ttl)
+            if session is None or session.lost.is_set():
+                session = self._by_ttl[ttl] = self.open(ttl, timeout)
+            return session
+
+    def default(self, timeout: float | None = None) -> Session:
+        """The node's current default session, waiting for one to open if needed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._default_ready:
+            while True:
+                self._replica.check_open()
+                session = self._default
+                if session is not None and not session.lost.is_set():
+                    return session
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise Timeout("no open session yet (is there a leader?)")
+                self._default_ready.wait(remaining)
+
+    # -- loss ------------------------------------------------------------------------
+
+    def lose(self, session: Session, reason: str) -> None:
+        """Report ``session`` lost to the app, stop its keepalives and close it in the cluster."""
+        callbacks = session._mark_lost(reason)
+        with self._lock:
+            if self._sessions.pop(session.id, None) is None:
+                return
+        replica = self._replica
+        try:
+            replica.send_frame([Msg.DISOWN, session.id])
+        except RaftsyncError:
+            pass
+        for callback in callbacks:
+            replica.call_soon(callback, session)
+        replica.notify_listeners(["session_lost", session.id])
+        if reason != "closed" and replica.serving:
+            # The app has been told it is lost: make that true in the cluster too.
+            threading.Thread(target=self._close_lost, args=(session,), daemon=True).start()
+        if session is self._default:
+            with self._default_ready:
+                self._default_ready.notify_all()
+
+    def _close_lost(self, session: Session) -> None:
+        try:
+            self._replica.submit(session, Op.CLOSE_SESSION, [], session.ttl * 3, "close lost session",
+                                 allow_lost=True)
+        except RaftsyncError:
+            pass  # it expires on its own: nothing keeps it alive any more
+
+    def _on_keepalive_ack(self, effect: list[Any]) -> None:
+        _, session_ids, sent_at = effect
+        with self._lock:
+            for session_id in session_ids:
+                session = self._sessions.get(session_id)
+                if session is not None:
+                    session._extend(sent_at)
+            self._watchdog_wake.notify_all()
+
+    def _on_session_ended(self, effect: list[Any]) -> None:
+        session = self.by_id(effect[1])
+        if session is not None:
+            self.lose(session, f"session {effect[2]} by the cluster")
+
+    def _on_engine_gone(self, effect: list[Any]) -> None:
+        with self._default_ready:
+            self._default_ready.notify_all()
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            self.lose(session, "engine exited")
+
+    # -- background threads ----------------------------------------------------------
+
+    def _watchdog_loop(self) -> None:
+        with self._watchdog_wake:
+            while self._replica.serving:
+                now = time.monotonic()
+                live = [s for s in self._sessions.values() if not s.lost.is_set()]
+                expired = [s for s in live if s.safe_until <= now]
+                if expired:
+                    self._watchdog_wake.release()
+                    try:
+                        for session in expired:
+                            self.lose(session, "no keepalive acknowledged within the TTL")
+                    finally:
+                        self._watchdog_wake.acquire()
+                    continue
+                next_deadline = min((s.safe_until for s in live), default=now + 60.0)
+                self._watchdog_wake.wait(min(60.0, max(0.0, next_deadline - now)))
+
+    def _keep_default(self) -> None:
+        """Open the default session, and a fresh one whenever it is lost."""
+        replica = self._replica
+        while replica.serving:
+            try:
+                session = self.open(replica.config.session_ttl, timeout=None)
+            except NoQuorum:
+                continue
+            except RaftsyncError:
+                if not replica.serving:
+                    return
+                time.sleep(0.1)  # e.g. a rejected open: do not spin
+                continue
+            with self._default_ready:
+                self._default = session
+                self._default_ready.notify_all()
+                while not session.lost.is_set() and replica.serving:
+                    self._default_ready.wait()
