@@ -10,9 +10,10 @@ connection, and a message the handlers do not expect raises into the tick loop.
 set) and its handshake, and adds limits around them:
 
 - a frame whose declared length is negative or over ``MAX_FRAME_BYTES`` drops its
-  connection as soon as the 4-byte prefix arrives; before a connection has delivered
-  one frame that decoded (so, with a password, one the sender could encrypt), the limit
-  is ``MAX_UNAUTHENTICATED_BYTES`` for the frame and for all bytes received;
+  connection as soon as the 4-byte prefix arrives; until a connection is trusted (an
+  incoming one: it identified as a configured peer, which needs the password; an
+  outgoing one: the peer's first frame decrypted), the limit is
+  ``MAX_UNAUTHENTICATED_BYTES`` for a frame and, plus one recv, for all bytes received;
 - a frame that fails decryption or unpickling drops its connection (as upstream), and
   any exception while handling a connection's events drops that connection instead of
   escaping into PySyncObj's tick loop;
@@ -40,7 +41,7 @@ import time
 
 from pysyncobj.monotonic import monotonic as monotonicTime
 from pysyncobj.poller import POLL_EVENT_TYPE
-from pysyncobj.tcp_connection import TcpConnection
+from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 from pysyncobj.tcp_server import TcpServer
 from pysyncobj.transport import TCPTransport
 from pysyncobj.dns_resolver import globalDnsResolver
@@ -55,8 +56,9 @@ log = logging.getLogger("raftsync.engine.transport")
 # Pickle + zlib add little, Fernet adds base64 (x4/3) and ~60 bytes: frames stay under
 # ~200 KiB. 8 MiB leaves 40x headroom and still bounds a connection's buffer.
 MAX_FRAME_BYTES = 8 * 1024 * 1024
-# Before a connection has delivered one frame that decoded, it may send only this much
-# in total. Legitimate peers send one ~150-byte frame (their random key) and then wait.
+# Until a connection is trusted, its frames and (plus one recv) all its bytes stay
+# under this. A real peer sends two ~150-byte frames first: its random key, then its
+# address; only after the address can a big frame follow (in the same recv, perhaps).
 MAX_UNAUTHENTICATED_BYTES = 64 * 1024
 # Incoming connections that have not yet identified as a peer; more close the oldest.
 MAX_UNKNOWN_CONNECTIONS = 64
@@ -64,9 +66,10 @@ MAX_UNKNOWN_CONNECTIONS = 64
 # (upstream reads until the socket is empty, unbounded while the peer keeps sending,
 # and its parser re-copies the rest of the buffer after every frame).
 READ_AHEAD_BYTES = 256 * 1024
-# Connections accepted per readiness event (upstream: one), so a flood of connects
-# does not starve peers of the listen backlog (upstream listens with a backlog of 5).
+# Connections accepted per readiness event (upstream: one), and the listen backlog
+# (upstream: 5), so that a flood of connects does not crowd out real peers.
 ACCEPTS_PER_EVENT = 16
+LISTEN_BACKLOG = 128
 # accept() errors that concern one pending connection or a passing resource shortage;
 # upstream unbinds the server for good on any of them, leaving the node deaf.
 _TRANSIENT_ACCEPT_ERRORS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EMFILE,
@@ -99,19 +102,42 @@ _warn = _Throttled()
 
 
 class GuardedTcpConnection(TcpConnection):
-    """A ``TcpConnection`` that validates frame lengths as bytes arrive, bounds what an
-    unauthenticated sender may make it buffer, and never raises into the poller."""
+    """A ``TcpConnection`` that validates frame lengths as bytes arrive, bounds what a
+    sender not yet trusted may make it buffer, and never raises into the poller.
 
-    def __init__(self, *args, **kwargs) -> None:
-        self._authenticated = False
-        self._unauthenticatedBytes = 0
+    Trusted (allowed frames up to ``MAX_FRAME_BYTES``): an outgoing connection once the
+    peer's first frame decoded (we dialled a configured peer, and with a password only
+    its holder can encrypt a frame), or at once without a password; an incoming one once
+    the transport has accepted it as a configured peer (``identified``), since a
+    captured first frame of another connection could be replayed but the identification
+    that follows cannot.
+    """
+
+    def __init__(self, *args, incoming: bool = False, **kwargs) -> None:
+        self._incoming = incoming
+        self._resetTrust()
         super().__init__(*args, **kwargs)
+        # A recv may carry the start of a trusted peer's first big frame along with its
+        # identity, so the budget allows one recv on top of MAX_UNAUTHENTICATED_BYTES.
+        self._untrustedBudget = MAX_UNAUTHENTICATED_BYTES + self._TcpConnection__recvBufferSize
+
+    def _resetTrust(self) -> None:
+        self._decodedFrame = False  # a frame of this connection decrypted and unpickled
+        self.identified = False  # set by RaftTransport for an incoming configured peer
+        self._untrustedBytes = 0
+
+    @property
+    def trusted(self) -> bool:
+        if self._incoming:
+            return self.identified
+        # Without a password nothing authenticates anyone (and the first frame on an
+        # outgoing connection may be a big append_entries), so there is nothing to wait for.
+        return self._decodedFrame or self.encryptor is None
 
     # Why: connect() reuses this object for a new outgoing connection (upstream resets
-    # its buffers there); the new peer has to authenticate afresh.
+    # its buffers there); the new peer has to earn trust afresh.
     def connect(self, host, port):
-        self._authenticated = False
-        self._unauthenticatedBytes = 0
+        self._resetTrust()
         return super().connect(host, port)
 
     # Why: upstream's poller callback (reads, parses, and runs the transport's and
@@ -125,21 +151,20 @@ class GuardedTcpConnection(TcpConnection):
             self._drop(None)
 
     # Why: upstream reads until the socket is empty, appending to its buffer without
-    # looking at it. Validate the buffered frame header and the unauthenticated budget
-    # after every read, and stop reading once a whole frame is ready for parsing.
+    # looking at it. Validate the buffered frame header and the untrusted budget after
+    # every read, and stop reading once a whole frame is ready for parsing.
     def _TcpConnection__processRead(self):
         if not self._wantsMoreData():
             return False
         before = len(self._TcpConnection__readBuffer)
         if not TcpConnection._TcpConnection__processRead(self):
             return False
-        if not self._authenticated:
-            self._unauthenticatedBytes += len(self._TcpConnection__readBuffer) - before
+        if not self.trusted:
+            self._untrustedBytes += len(self._TcpConnection__readBuffer) - before
         return self._wantsMoreData()
 
     # Why: upstream parses a frame of any declared length (negative ones included) and
-    # gives no signal that a frame decoded; the first one that does authenticates the
-    # connection (with a password, only the password's holder can produce one).
+    # gives no sign that a frame decoded, which is the first step to trust.
     def _TcpConnection__processParseMessage(self):
         problem = self._headerProblem()
         if problem:
@@ -147,11 +172,11 @@ class GuardedTcpConnection(TcpConnection):
             return None
         message = TcpConnection._TcpConnection__processParseMessage(self)
         if message is not None:
-            self._authenticated = True
+            self._decodedFrame = True
         return message
 
     def _frameLimit(self) -> int:
-        return MAX_FRAME_BYTES if self._authenticated else MAX_UNAUTHENTICATED_BYTES
+        return MAX_FRAME_BYTES if self.trusted else MAX_UNAUTHENTICATED_BYTES
 
     def _headerProblem(self) -> str | None:
         buffer = self._TcpConnection__readBuffer
@@ -164,16 +189,19 @@ class GuardedTcpConnection(TcpConnection):
 
     def _wantsMoreData(self) -> bool:
         """False: stop reading, because the connection was dropped or a whole frame is
-        buffered and the buffer is already large."""
-        if not self._authenticated and self._unauthenticatedBytes > MAX_UNAUTHENTICATED_BYTES:
-            return self._drop(f"over {MAX_UNAUTHENTICATED_BYTES} bytes before authenticating")
+        buffered (and, for a trusted connection, the buffer is already large)."""
+        trusted = self.trusted
+        if not trusted and self._untrustedBytes > self._untrustedBudget:
+            return self._drop(f"over {self._untrustedBudget} bytes before it was trusted")
         problem = self._headerProblem()
         if problem:
             return self._drop(problem)
         buffer = self._TcpConnection__readBuffer
         if len(buffer) < _LENGTH.size:
             return True
-        return len(buffer) < READ_AHEAD_BYTES or len(buffer) < _LENGTH.size + _LENGTH.unpack_from(buffer)[0]
+        incomplete = len(buffer) < _LENGTH.size + _LENGTH.unpack_from(buffer)[0]
+        # Untrusted: parse (and perhaps identify) each frame before reading on.
+        return incomplete or (trusted and len(buffer) < READ_AHEAD_BYTES)
 
     def _drop(self, reason: str | None) -> bool:
         if reason:
@@ -199,6 +227,12 @@ class _GuardedTcpServer(TcpServer):
         self._connectionTimeout = connectionTimeout
         self._keepalive = keepalive
 
+    # Why: upstream listens with a backlog of 5; during a connection flood the kernel
+    # then drops the handshakes of real peers (and retries them only after seconds).
+    def bind(self):
+        super().bind()
+        self._TcpServer__socket.listen(LISTEN_BACKLOG)
+
     # Why: upstream's accept handler (subscribed by TcpServer.bind under this mangled
     # name) hard-codes TcpConnection, accepts one connection per event, and unbinds the
     # server for good on any accept error, e.g. EMFILE during a connection flood.
@@ -206,7 +240,7 @@ class _GuardedTcpServer(TcpServer):
         if event & POLL_EVENT_TYPE.READ:
             for _ in range(ACCEPTS_PER_EVENT):
                 try:
-                    sock, _ = self._TcpServer__socket.accept()
+                    sock, _address = self._TcpServer__socket.accept()
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
@@ -221,7 +255,8 @@ class _GuardedTcpServer(TcpServer):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._recvBufferSize)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     sock.setblocking(False)
-                    conn = GuardedTcpConnection(poller=self._poller, socket=sock, timeout=self._connectionTimeout,
+                    conn = GuardedTcpConnection(poller=self._poller, socket=sock, incoming=True,
+                                                timeout=self._connectionTimeout,
                                                 sendBufferSize=self._sendBufferSize,
                                                 recvBufferSize=self._recvBufferSize, keepalive=self._keepalive)
                 except OSError as exc:  # e.g. the client reset the connection already
@@ -319,6 +354,8 @@ class RaftTransport(TCPTransport):
             self._closeUnknown(conn)
             return
         super()._onIncomingMessageReceived(conn, message)
+        if conn not in self._unknownConnections and conn.state == CONNECTION_STATE.CONNECTED:
+            conn.identified = True  # a configured peer (or a read-only node): trusted from now
 
     # Why: unidentified connections get conf.connectionTimeout to identify; checked
     # here because upstream checks a connection's timeout only when it has events.
