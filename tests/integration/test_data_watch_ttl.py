@@ -49,7 +49,7 @@ def test_record_ttl_expires_through_the_leader_and_watchers_see_it(cluster):
     assert c.call("kv_read", key="tmp/keep")[0] == b"v"
     # Rewriting a record renews its TTL: a stale expiry for the old revision is ignored.
     a.call("kv_write", key="tmp/renewed", value=b"1", ttl=1.5)
-    time.sleep(1.0)
+    time.sleep(1.0)  # the passage of time is what is under test here
     a.call("kv_write", key="tmp/renewed", value=b"2", ttl=1.5)
     time.sleep(0.8)
     assert c.call("kv_read", key="tmp/renewed")[0] == b"2"

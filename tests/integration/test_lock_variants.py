@@ -6,6 +6,7 @@ import time
 import pytest
 
 from raftsync.errors import BadRequest, NotHeld
+from tests.integration.util import wait_queued
 
 
 def _contend(cluster, name, per_node, iterations, hold, kinds):
@@ -75,7 +76,7 @@ def test_closing_a_session_releases_its_locks_at_once(cluster):
     thread = threading.Thread(target=lambda: result.setdefault(
         "token", b.call("lock_acquire", handle="w", name="job", timeout=20)))
     thread.start()
-    time.sleep(0.2)
+    wait_queued(a, "job", 1)
     a.call("session_close", name="worker")
     thread.join(20)
     # Released by the close, long before the 30 s TTL could have run out.
