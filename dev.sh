@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The two set-up commands of the README: `bash dev.sh demo` and `bash dev.sh test`.
+# The two set-up commands of the README: `bash ./dev.sh demo` and `bash ./dev.sh test`.
 # Each creates .venv (installing python3-venv with apt-get if this Debian lacks it)
 # and installs raftsync with what it needs, then runs the demo or the tests.
 set -euo pipefail
@@ -42,7 +42,7 @@ case "$cmd" in
     ;;
   test)
     ensure_venv
-    # Slow fault-injection runs are opt-in: `bash dev.sh test -m slow`.
+    # Slow fault-injection runs are opt-in: `bash ./dev.sh test -m slow`.
     if [ $# -eq 0 ]; then set -- -m "not slow"; fi
     exec .venv/bin/python -m pytest "$@"
     ;;
@@ -51,7 +51,7 @@ case "$cmd" in
     exec .venv/bin/python -m bench.run "$@"
     ;;
   *)
-    echo "usage: bash dev.sh demo | test [pytest args] | bench" >&2
+    echo "usage: bash ./dev.sh demo | test [pytest args] | bench" >&2
     exit 2
     ;;
 esac

@@ -133,7 +133,7 @@ class StateMachine:
         if ttl_ms > MAX_TTL_MS:
             raise _Invalid(f"ttl_ms must be at most {MAX_TTL_MS}")
         existing = self.sessions.get(session_id)
-        record = self.sessions.open(session_id, ttl_ms, self.index)
+        record = self.sessions.create(session_id, ttl_ms, self.index)
         if record is None:
             return encode_result(Status.SESSION_EXPIRED)
         if existing is None:

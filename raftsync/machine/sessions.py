@@ -69,7 +69,7 @@ class Sessions:
     def get(self, session_id: int) -> SessionRecord | None:
         return self.by_id.get(session_id)
 
-    def open(self, session_id: int, ttl_ms: int, index: int) -> SessionRecord | None:
+    def create(self, session_id: int, ttl_ms: int, index: int) -> SessionRecord | None:
         """Open (idempotently). Returns None if the id was used by a session that ended."""
         if session_id in self._tombstone_set:
             return None
