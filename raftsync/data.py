@@ -29,13 +29,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .watch import WatchStream
-
-from .codec import Op, Query, Status, check_key, check_value, encode_query
+from .codec import Op, Query, Status, check_key, check_value, encode_query, raise_for_status
 from .errors import BadRequest, NotFound
-from .session import MAX_TTL, MIN_TTL
-from .codec import raise_for_status
 from .replica import Replica
+from .session import MAX_TTL, MIN_TTL
+from .watch import WatchStream
 
 
 @dataclass(frozen=True)
@@ -101,7 +99,7 @@ class Data:
             if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not MIN_TTL <= ttl <= MAX_TTL:
                 raise BadRequest(f"ttl must be a number of seconds in [{MIN_TTL}, {MAX_TTL}]")
             ttl_ms = int(ttl * 1000)
-        session = self._replica.default_session(timeout)
+        session = self._replica.sessions.default(timeout)
         status, payload = self._replica.submit(session, Op.KV_PUT, [full, value, if_version, ttl_ms], timeout,
                                                f"write {key!r}")
         raise_for_status(status, payload, f"write {key!r}")
@@ -120,7 +118,7 @@ class Data:
     def delete(self, key: str, if_version: int | None = None, timeout: float | None = None) -> int:
         """Delete ``key``; returns the revision of the delete. Raises NotFound or Conflict."""
         full, if_version = self._full(key), _check_version(if_version)
-        session = self._replica.default_session(timeout)
+        session = self._replica.sessions.default(timeout)
         status, payload = self._replica.submit(session, Op.KV_DELETE, [full, if_version], timeout,
                                                f"delete {key!r}")
         if status == Status.NOT_FOUND:

@@ -24,11 +24,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .codec import Op, Query, Status, check_value, encode_query
+from .codec import Op, Query, Status, check_value, encode_query, raise_for_status
 from .errors import NotHeld, Timeout
-from .lock import check_name, check_timeout
-from .ownership import Grant, OwnershipTable, session_for
-from .codec import raise_for_status
+from .ownership import Grant, OwnershipTable, check_name, check_timeout, ownership_table, session_for
 from .replica import Replica
 from .session import Session
 from .watch import WatchStream
@@ -69,7 +67,7 @@ class Term(Grant):
 
     def resign(self, timeout: float | None = None) -> None:
         """Step down; the next candidate (if any) becomes leader. Raises NotHeld if already over."""
-        self._election._resign(self)
+        self._election._resign(self, timeout)
 
     def proclaim(self, value: bytes, timeout: float | None = None) -> None:
         """Publish a new value for this leadership (observers see it). Raises NotHeld."""
@@ -77,10 +75,6 @@ class Term(Grant):
 
     def __repr__(self) -> str:
         return f"<Term {self.name!r} id={self.id!r} term={self.term}{' REVOKED' if self.revoked.is_set() else ''}>"
-
-
-def _leader_table(replica: Replica) -> OwnershipTable:
-    return OwnershipTable(replica, "leader", Op.LEADER_RESIGN, Op.LEADER_WITHDRAW)
 
 
 class Election:
@@ -92,7 +86,7 @@ class Election:
         self.ttl = ttl
         self._replica = replica
         self._fixed_session = session
-        self._table: OwnershipTable = replica.attachment("leaders", _leader_table)
+        self._table: OwnershipTable = ownership_table(replica, "leader")
         self._handle_id = secrets.randbits(62)
         self._mutex = threading.RLock()
         self._term: Term | None = None
@@ -114,14 +108,14 @@ class Election:
             self._term = term
             return term
 
-    def _resign(self, term: Term) -> None:
+    def _resign(self, term: Term, timeout: float | None) -> None:
         with self._mutex:
             if term.revoked.is_set():
                 raise NotHeld(f"leadership of {self.group!r} is already over")
             self._table._end(term)
             if self._term is term:
                 self._term = None
-            self._table.release(self._handle_id, term, NotHeld)
+            self._table.release(self._handle_id, term, NotHeld, timeout)
 
     def _proclaim(self, term: Term, value: bytes, timeout: float | None) -> None:
         if term.revoked.is_set():

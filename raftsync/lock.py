@@ -29,9 +29,8 @@ import secrets
 import threading
 from typing import Any, Callable
 
-from .codec import MAX_NAME_BYTES, Op, check_key
-from .errors import BadRequest, LockTimeout, NotHeld, SessionExpired, TooLarge
-from .ownership import Grant, OwnershipTable, session_for
+from .errors import BadRequest, LockTimeout, NotHeld, SessionExpired
+from .ownership import Grant, acquire_op, check_name, check_timeout, ownership_table, session_for
 from .replica import Replica
 from .session import Session
 
@@ -52,33 +51,6 @@ class Lease(Grant):
         return f"<Lease {self.name!r} token={self.token}{' LOST' if self.lost.is_set() else ''}>"
 
 
-def check_name(name: Any, what: str) -> str:
-    check_key(name, what)
-    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
-        raise TooLarge(f"{what} is over {MAX_NAME_BYTES} bytes")
-    return name
-
-
-def check_timeout(timeout: Any) -> float | None:
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or timeout < 0):
-        raise BadRequest("timeout must be None or a number >= 0")
-    return timeout
-
-
-_OPS = {
-    "lock": (Op.LOCK_ACQUIRE, Op.LOCK_RELEASE, Op.LOCK_WITHDRAW),
-    "sem": (Op.SEM_ACQUIRE, Op.SEM_RELEASE, Op.SEM_WITHDRAW),
-    "rw": (Op.RW_ACQUIRE, Op.RW_RELEASE, Op.RW_WITHDRAW),
-}
-
-
-def _table(replica: Replica, kind: str) -> OwnershipTable:
-    acquire_op, release_op, withdraw_op = _OPS[kind]
-    return replica.attachment(f"ownership:{kind}",
-                              lambda r: OwnershipTable(r, kind, release_op, withdraw_op))
-
-
 class _Handle:
     """One owner of a lock-like name: acquire/release, reentrant holds, leases."""
 
@@ -92,8 +64,8 @@ class _Handle:
         self.ttl = ttl
         self._replica = replica
         self._fixed_session = session
-        self._table = _table(replica, self._kind)
-        self._acquire_op = _OPS[self._kind][0]
+        self._table = ownership_table(replica, self._kind)
+        self._acquire_op = acquire_op(self._kind)
         self._handle_id = secrets.randbits(62)
         self._mutex = threading.RLock()
         self._lease: Lease | None = None

@@ -55,7 +55,7 @@ class Node:
     def wait_ready(self, timeout: float | None = 10.0) -> "Node":
         """Block until the group has a leader and this node's default session is open."""
         self._require_started()
-        self._replica.default_session(timeout)
+        self._replica.sessions.default(timeout)
         return self
 
     def close(self, timeout: float = 5.0) -> None:
@@ -105,7 +105,7 @@ class Node:
     @property
     def default_session(self) -> Session:
         self._require_started()
-        return self._replica.default_session(timeout=0)
+        return self._replica.sessions.default(timeout=0)
 
     def data(self, prefix: str = "") -> Data:
         """The KV map, optionally scoped to keys starting with ``prefix``."""

@@ -13,8 +13,9 @@ import threading
 import time
 from typing import Any, Callable
 
-from .errors import NoQuorum, SessionExpired
-from .codec import raise_for_status
+from .codec import MAX_NAME_BYTES, Op, check_key, raise_for_status
+from .errors import BadRequest, NoQuorum, SessionExpired, TooLarge
+from .latch import Latch
 from .replica import Replica
 from .session import Session
 
@@ -28,24 +29,15 @@ class Grant:
         self.name = name
         self.token = token
         self.session = session
-        self._ended = threading.Event()
-        self._callbacks: list[Callable[[Any], None]] = []
-        self._guard = threading.Lock()
+        self._latch = Latch()
+        self._ended = self._latch.event
 
     def _on_end(self, callback: Callable[[Any], None]) -> None:
-        with self._guard:
-            if not self._ended.is_set():
-                self._callbacks.append(callback)
-                return
-        self.session._replica.call_soon(callback, self)
+        if not self._latch.add(callback):
+            self.session._replica.call_soon(callback, self)
 
     def _end(self) -> list[Callable[[Any], None]]:
-        with self._guard:
-            if self._ended.is_set():
-                return []
-            self._ended.set()
-            callbacks, self._callbacks = self._callbacks, []
-            return callbacks
+        return self._latch.fire()
 
 
 class _Waiter:
@@ -68,7 +60,6 @@ class OwnershipTable:
         self.guard = threading.Lock()
         self.waiters: dict[Key, _Waiter] = {}
         self.grants: dict[Key, Grant] = {}
-        self._grant_listeners: list[Callable[[Key, int], None]] = []
         replica.add_listener(f"{kind}_granted", self._on_granted)
         replica.add_listener(f"{kind}_released", self._on_released)
         replica.add_listener("session_lost", self._on_session_lost)
@@ -98,7 +89,7 @@ class OwnershipTable:
             self._end(grant)
 
     def _release_orphan(self, name: str, session_id: int, handle_id: int, token: int) -> None:
-        session = self.replica.session_by_id(session_id)
+        session = self.replica.sessions.by_id(session_id)
         if session is None:
             return  # the session is gone, and the cluster released its grants with it
         try:
@@ -187,13 +178,14 @@ class OwnershipTable:
             if self.grants.get(key) is grant:
                 del self.grants[key]
 
-    def release(self, handle_id: int, grant: Grant, not_held: Callable[[str], Exception]) -> None:
+    def release(self, handle_id: int, grant: Grant, not_held: Callable[[str], Exception],
+                timeout: float | None = None) -> None:
         """Give a grant back through the log."""
         from .codec import Status
 
         self.forget(handle_id, grant)
         status, payload = self.replica.submit(grant.session, self.release_op,
-                                              [grant.name, handle_id, grant.token], None,
+                                              [grant.name, handle_id, grant.token], timeout,
                                               f"release {self.kind} {grant.name!r}")
         if status in (Status.SESSION_EXPIRED, Status.NOT_HELD):
             raise not_held(f"{grant.name!r} was no longer held (lost lease or session)")
@@ -207,5 +199,38 @@ def session_for(replica: Replica, session: Session | None, ttl: float | None, ti
             raise SessionExpired(f"session {session.id:#x} is lost")
         return session
     if ttl is None:
-        return replica.default_session(timeout)
+        return replica.sessions.default(timeout)
     return replica.sessions.for_ttl(ttl, timeout)
+
+
+# kind -> (acquire, release, withdraw) ops
+_OPS = {
+    "lock": (Op.LOCK_ACQUIRE, Op.LOCK_RELEASE, Op.LOCK_WITHDRAW),
+    "sem": (Op.SEM_ACQUIRE, Op.SEM_RELEASE, Op.SEM_WITHDRAW),
+    "rw": (Op.RW_ACQUIRE, Op.RW_RELEASE, Op.RW_WITHDRAW),
+    "leader": (Op.LEADER_CAMPAIGN, Op.LEADER_RESIGN, Op.LEADER_WITHDRAW),
+}
+
+
+def acquire_op(kind: str) -> int:
+    return _OPS[kind][0]
+
+
+def ownership_table(replica: Replica, kind: str) -> OwnershipTable:
+    """The replica's one OwnershipTable for ``kind`` ("lock", "sem", "rw", "leader")."""
+    _, release_op, withdraw_op = _OPS[kind]
+    return replica.attachment(f"ownership:{kind}", lambda r: OwnershipTable(r, kind, release_op, withdraw_op))
+
+
+def check_name(name: Any, what: str) -> str:
+    check_key(name, what)
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise TooLarge(f"{what} is over {MAX_NAME_BYTES} bytes")
+    return name
+
+
+def check_timeout(timeout: Any) -> float | None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or timeout < 0):
+        raise BadRequest("timeout must be None or a number >= 0")
+    return timeout

@@ -365,11 +365,3 @@ class Replica:
     def test_drop_replies(self, count: int) -> None:
         """Test hook: the engine drops the next ``count`` command results."""
         self._channel.send([Msg.TEST_DROP_REPLY, count])
-
-    # -- sessions (see SessionKeeper) ---------------------------------------------------
-
-    def default_session(self, timeout: float | None = None) -> Session:
-        return self.sessions.default(timeout)
-
-    def session_by_id(self, session_id: int) -> Session | None:
-        return self.sessions.by_id(session_id)

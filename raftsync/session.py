@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .channel import Msg
 from .codec import Op, Status, encode_command, raise_for_status
 from .errors import BadRequest, NoQuorum, RaftsyncError, Timeout
+from .latch import Latch
 
 if TYPE_CHECKING:
     from .replica import Replica
@@ -50,13 +51,13 @@ class Session:
     def __init__(self, session_id: int, ttl: float, replica: "object") -> None:
         self.id = session_id
         self.ttl = ttl
-        self.lost = threading.Event()
+        self._lost = Latch()
+        self.lost = self._lost.event
         self.lost_reason: str | None = None
         self._replica = replica
         self._lock = threading.Lock()
         self._next_seq = 1
         self._in_flight: set[int] = set()
-        self._callbacks: list[Callable[["Session"], None]] = []
         # set by the replica from the OPEN_SESSION send time, then by each acknowledged keepalive
         self.safe_until = 0.0
 
@@ -82,11 +83,8 @@ class Session:
 
     def on_lost(self, callback: Callable[["Session"], None]) -> None:
         """Call ``callback(session)`` once, on a raftsync thread, when the session is lost."""
-        with self._lock:
-            if not self.lost.is_set():
-                self._callbacks.append(callback)
-                return
-        self._replica.call_soon(callback, self)
+        if not self._lost.add(callback):
+            self._replica.call_soon(callback, self)
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Close the session in the cluster, releasing everything it holds at once."""
@@ -97,13 +95,8 @@ class Session:
         return not self.lost.is_set() and time.monotonic() < self.safe_until
 
     def _mark_lost(self, reason: str) -> list[Callable[["Session"], None]]:
-        with self._lock:
-            if self.lost.is_set():
-                return []
-            self.lost_reason = reason
-            self.lost.set()
-            callbacks, self._callbacks = self._callbacks, []
-            return callbacks
+        """Set ``lost`` (once, keeping the first reason); returns the callbacks to run."""
+        return self._lost.fire(lambda: setattr(self, "lost_reason", reason))
 
     def __repr__(self) -> str:
         state = f"lost: {self.lost_reason}" if self.lost.is_set() else "alive"

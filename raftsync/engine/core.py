@@ -409,16 +409,11 @@ class Engine:
                     self._owned.pop(session_id, None)
                     self._keepalive_due.pop(session_id, None)
                     self._send([Msg.NOTIFY, ["session_ended", session_id, "expired"]])
-            for table in (self.machine.locks, self.machine.leaders):
-                for name, record in table.by_name.items():
-                    if record.holder is not None and record.holder[0] in self._owned:
-                        self._send([Msg.NOTIFY, [f"{table.kind}_granted", name, record.holder[0],
-                                                 record.holder[1], record.token]])
-            for shared in (self.machine.semaphores, self.machine.rwlocks):
-                for name, srecord in shared.by_name.items():
-                    for owner, (token, _) in srecord.holders.items():
-                        if owner[0] in self._owned:
-                            self._send([Msg.NOTIFY, [f"{shared.kind}_granted", name, owner[0], owner[1], token]])
+            machine = self.machine
+            for table in (machine.locks, machine.leaders, machine.semaphores, machine.rwlocks):
+                for name, session_id, handle_id, token in table.holdings():
+                    if session_id in self._owned:
+                        self._send([Msg.NOTIFY, [f"{table.kind}_granted", name, session_id, handle_id, token]])
             self._watches.on_restored(self.machine)
         except Exception:
             log.exception("restore fan-out failed")

@@ -82,6 +82,12 @@ class Locks:
         effects.append((f"{self.kind}_changed", name, owner[0], owner[1], token))
         return True
 
+    def holdings(self):
+        """(name, session_id, handle_id, token) of every current grant."""
+        for name, record in self.by_name.items():
+            if record.holder is not None:
+                yield name, record.holder[0], record.holder[1], record.token
+
     def holder_info(self, name: str) -> list[Any] | None:
         """[session_id, handle_id, token, payload] of the holder, or None."""
         record = self.by_name.get(name)

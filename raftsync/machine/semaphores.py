@@ -93,6 +93,12 @@ class Semaphores:
             self._serve(name, record, index, effects)
             self._drop_if_idle(name, record)
 
+    def holdings(self):
+        """(name, session_id, handle_id, token) of every current grant."""
+        for name, record in self.by_name.items():
+            for owner, (token, _) in record.holders.items():
+                yield name, owner[0], owner[1], token
+
     def info(self, name: str) -> list[Any] | None:
         record = self.by_name.get(name)
         if record is None:

@@ -43,7 +43,7 @@ def test_wrong_types_and_sizes_raise_typed_errors_and_the_node_keeps_serving(nod
             call()
     # Garbage submitted straight through the replica is answered, not applied.
     replica = node._replica
-    session = replica.default_session(1)
+    session = replica.sessions.default(1)
     for op, args in [(99, []), (Op.KV_PUT, [1, 2]), (Op.LOCK_ACQUIRE, ["x"]), (Op.EXPIRE_SESSION, ["a", "b"])]:
         status, _ = replica.submit(session, op, args, 5)
         assert status != 0
