@@ -134,8 +134,9 @@ class Agent:
     def op_lock_info(self, name: str, table: str = "lock") -> Any:
         """[holder, token, waiters] of a lock (table="leader": of an election), or None."""
         from raftsync.codec import Query, encode_query
+        from raftsync.replica import deadline_after
         query = Query.LOCK_INFO if table == "lock" else Query.LEADER_QUEUE
-        status, payload = self.node._replica.query(encode_query(query, [name]), "linearizable", 10)
+        status, payload = self.node._replica.query(encode_query(query, [name]), "linearizable", deadline_after(10))
         return payload
 
     def op_leader_campaign(self, handle: str, group: str, candidate_id: str, value: bytes = b"",
@@ -185,6 +186,11 @@ class Agent:
 
     def op_drop_replies(self, count: int) -> bool:
         self.node._replica.test_drop_replies(count)
+        return True
+
+    def op_test_hook(self, name: str, **args: Any) -> bool:
+        """Arm an engine test hook (the node must run with test_hooks=True)."""
+        self.node._replica.test_hook(name, **args)
         return True
 
     def op_events(self) -> list[list[Any]]:

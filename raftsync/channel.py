@@ -7,8 +7,8 @@ Unix/TCP socket for client mode.
 
 App -> engine:  HELLO config | SUBMIT req command | READ req query linearizable |
                 OWN session_id ttl_ms | DISOWN session_id | PING | STATUS req |
-                TEST_DROP_REPLY count | WATCH watch_id kind key from_revision |
-                UNWATCH watch_id | CLOSE
+                WATCH watch_id kind key from_revision | UNWATCH watch_id |
+                TEST_HOOK name args (only with test_hooks) | CLOSE
 Engine -> app:  READY info | FATAL message | RESULT req bytes | FAILED req reason |
                 NOTIFY effect | STATE role leader term has_quorum
 """
@@ -18,13 +18,14 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from enum import IntEnum
 from typing import Any, Iterator
 
 import msgpack
 
-from .errors import Closed, TooLarge
+from .errors import Closed, Timeout, TooLarge
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 _HEADER = struct.Struct(">I")
@@ -39,9 +40,10 @@ class Msg(IntEnum):
     PING = 6
     STATUS = 7
     CLOSE = 8
-    TEST_DROP_REPLY = 9
+    # 9 was TEST_DROP_REPLY, replaced by TEST_HOOK
     WATCH = 10
     UNWATCH = 11
+    TEST_HOOK = 12
     READY = 20
     FATAL = 21
     RESULT = 22
@@ -96,26 +98,92 @@ class FrameDecoder:
             yield message
 
 
+class ChannelStalled(Timeout):
+    """The engine has not read its channel for so long that the backlog is full: nothing
+    of this call was sent before its deadline."""
+
+
+# Frames waiting for a stalled engine beyond this make senders wait (up to their deadline).
+MAX_BACKLOG_BYTES = 8 * 1024 * 1024
+
+
 class BlockingChannel:
-    """The app's end: thread-safe sends, one reader calling :meth:`recv`."""
+    """The app's end: thread-safe sends that never block past the caller's deadline, one
+    reader calling :meth:`recv`.
+
+    A send first tries the socket without blocking; what the socket does not take joins a
+    backlog that a writer thread drains, so a stalled engine (SIGSTOPped, starved) never
+    holds an application thread. Frames are never cut: once a frame is partly sent, the
+    rest follows before any other frame.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._sock.setblocking(True)
-        self._send_lock = threading.Lock()
+        self._space = threading.Condition()
+        self._backlog = bytearray()
+        self._writing = 0  # bytes taken by the writer thread and not yet on the socket
+        self._writer: threading.Thread | None = None
         self._decoder = FrameDecoder()
         self._pending: deque[list[Any]] = deque()
         self._closed = False
 
-    def send(self, message: list[Any]) -> None:
+    @property
+    def backlog_bytes(self) -> int:
+        return len(self._backlog) + self._writing
+
+    def send(self, message: list[Any], deadline: float | None = None) -> None:
+        """Queue ``message``; ``deadline`` (monotonic) bounds the wait for backlog space.
+        ``None``: a small control frame, queued whatever the backlog holds."""
         frame = pack_frame(message)
-        with self._send_lock:
-            if self._closed:
-                raise ChannelClosed("channel to the engine is closed")
+        with self._space:
+            while True:
+                if self._closed:
+                    raise ChannelClosed("channel to the engine is closed")
+                backlog = self.backlog_bytes
+                if backlog == 0 or deadline is None or backlog + len(frame) <= MAX_BACKLOG_BYTES:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ChannelStalled(f"the engine has not read {backlog} bytes of its channel")
+                self._space.wait(remaining)
+            if backlog == 0:
+                try:
+                    sent = self._sock.send(frame, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    raise ChannelClosed(f"channel to the engine is closed: {exc}") from None
+                if sent == len(frame):
+                    return
+                frame = frame[sent:]
+            self._backlog += frame
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="raftsync-channel-writer",
+                                                 daemon=True)
+                self._writer.start()
+            self._space.notify_all()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._space:
+                while not self._backlog and not self._closed:
+                    self._space.wait()
+                if self._closed:
+                    return
+                data, self._backlog = bytes(self._backlog), bytearray()
+                self._writing = len(data)
             try:
-                self._sock.sendall(frame)
-            except OSError as exc:
-                raise ChannelClosed(f"channel to the engine is closed: {exc}") from None
+                self._sock.sendall(data)
+            except OSError:
+                with self._space:
+                    self._closed = True
+                    self._writing = 0
+                    self._space.notify_all()
+                return
+            with self._space:
+                self._writing = 0
+                self._space.notify_all()
 
     def recv(self) -> list[Any] | None:
         """Next message, or None at EOF."""
@@ -130,8 +198,9 @@ class BlockingChannel:
         return self._pending.popleft()
 
     def close(self) -> None:
-        with self._send_lock:
+        with self._space:
             self._closed = True
+            self._space.notify_all()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:

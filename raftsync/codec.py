@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import (BadRequest, Conflict, NotFound, NotHeld, RaftsyncError, SessionExpired,
+from .errors import (BadRequest, Conflict, NotFound, NotHeld, OutcomeUnknown, RaftsyncError, SessionExpired,
                      TooLarge)
 
 CODEC_VERSION = 1
@@ -28,6 +28,9 @@ MAX_COMMAND_BYTES = 48 * 1024
 MAX_KEY_BYTES = 1024
 MAX_VALUE_BYTES = 32 * 1024
 MAX_NAME_BYTES = 256
+# SESSION_EXPIRED's payload when the machine still knows the ended session's results and
+# this command is not among them: it never applied and never will.
+NOT_APPLIED = "not applied"
 
 
 class Op(IntEnum):
@@ -165,6 +168,8 @@ def raise_for_status(status: int, payload: Any, what: str = "") -> None:
         raise NotHeld(what or "not held")
     if status == Status.SESSION_EXPIRED:
         raise SessionExpired(what or "session expired")
+    if status == Status.STALE:
+        raise OutcomeUnknown(f"{what}: its result is no longer known; it may have applied")
     if status == Status.TOO_LARGE:
         raise TooLarge(detail)
     if status == Status.BAD_COMMAND:

@@ -19,7 +19,9 @@ Failure modes
 - ``watch(prefix, from_revision)`` yields every change under the prefix in commit
   order, from any node, across leader changes and snapshot installs; a revision that
   was already trimmed from the bounded history raises Compacted.
-- A write that raises Timeout has an unknown outcome: it may still apply.
+- A write that raises OutcomeUnknown (a Timeout) was sent and got no answer by its
+  deadline: it may or may not have applied, and may still apply. A plain Timeout or
+  NoQuorum means it was never sent.
 - Without a quorum for ``quorum_timeout`` calls raise NoQuorum.
 """
 
@@ -31,7 +33,7 @@ from typing import Any
 
 from .codec import Op, Query, Status, check_key, check_value, encode_query, raise_for_status
 from .errors import BadRequest, NotFound
-from .replica import Replica
+from .replica import Replica, deadline_after
 from .session import MAX_TTL, MIN_TTL
 from .watch import WatchStream
 
@@ -99,8 +101,9 @@ class Data:
             if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not MIN_TTL <= ttl <= MAX_TTL:
                 raise BadRequest(f"ttl must be a number of seconds in [{MIN_TTL}, {MAX_TTL}]")
             ttl_ms = int(ttl * 1000)
-        session = self._replica.sessions.default(timeout)
-        status, payload = self._replica.submit(session, Op.KV_PUT, [full, value, if_version, ttl_ms], timeout,
+        deadline = deadline_after(timeout)
+        session = self._replica.sessions.default(deadline)
+        status, payload = self._replica.submit(session, Op.KV_PUT, [full, value, if_version, ttl_ms], deadline,
                                                f"write {key!r}")
         raise_for_status(status, payload, f"write {key!r}")
         revision, version = payload
@@ -109,7 +112,8 @@ class Data:
     def read(self, key: str, consistency: str = "linearizable", timeout: float | None = None) -> Record:
         """Return the key's Record; raises NotFound."""
         full = self._full(key)
-        status, payload = self._replica.query(encode_query(Query.KV_GET, [full]), consistency, timeout)
+        status, payload = self._replica.query(encode_query(Query.KV_GET, [full]), consistency,
+                                              deadline_after(timeout))
         if status == Status.NOT_FOUND:
             raise NotFound(key)
         raise_for_status(status, payload, f"read {key!r}")
@@ -118,8 +122,9 @@ class Data:
     def delete(self, key: str, if_version: int | None = None, timeout: float | None = None) -> int:
         """Delete ``key``; returns the revision of the delete. Raises NotFound or Conflict."""
         full, if_version = self._full(key), _check_version(if_version)
-        session = self._replica.sessions.default(timeout)
-        status, payload = self._replica.submit(session, Op.KV_DELETE, [full, if_version], timeout,
+        deadline = deadline_after(timeout)
+        session = self._replica.sessions.default(deadline)
+        status, payload = self._replica.submit(session, Op.KV_DELETE, [full, if_version], deadline,
                                                f"delete {key!r}")
         if status == Status.NOT_FOUND:
             raise NotFound(key)
@@ -132,7 +137,7 @@ class Data:
         if not isinstance(prefix, str):
             raise BadRequest("prefix must be str")
         status, payload = self._replica.query(encode_query(Query.KV_RANGE, [self.prefix + prefix]),
-                                              consistency, timeout)
+                                              consistency, deadline_after(timeout))
         raise_for_status(status, payload, "dump")
         return [self._record(item) for item in payload]
 

@@ -48,7 +48,18 @@ class NoQuorum(RaftsyncError):
 
 
 class Timeout(RaftsyncError, TimeoutError):
-    """The caller's deadline passed. For a write the outcome is unknown: it may still apply."""
+    """The caller's deadline passed before anything was sent, or a read got no answer."""
+
+
+class OutcomeUnknown(Timeout):
+    """A command was sent and no answer came by the deadline: it may or may not have
+    applied (and may still apply). Whatever it may have taken (a lock grant) or was
+    meant to give back (a release) is settled in the background."""
+
+
+class QuorumLostOutcomeUnknown(OutcomeUnknown, NoQuorum):
+    """A command was sent, then the cluster had no quorum for ``quorum_timeout``: both an
+    :class:`OutcomeUnknown` and a :class:`NoQuorum`, so either ``except`` catches it."""
 
 
 class TooLarge(RaftsyncError, ValueError):

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from .codec import Op, Query, Status, check_value, encode_query, raise_for_status
 from .errors import NotHeld, Timeout
 from .ownership import Grant, OwnershipTable, check_name, check_timeout, ownership_table, session_for
-from .replica import Replica
+from .replica import Replica, deadline_after
 from .session import Session
 from .watch import WatchStream
 
@@ -49,6 +49,7 @@ class Term(Grant):
                  session: Session) -> None:
         super().__init__(election.group, token, session)
         self._election = election
+        self._resigned = False
         self.id = candidate_id
         self.value = value
 
@@ -66,8 +67,12 @@ class Term(Grant):
         self._on_end(callback)
 
     def resign(self, timeout: float | None = None) -> None:
-        """Step down; the next candidate (if any) becomes leader. Raises NotHeld if already over."""
-        self._election._resign(self, timeout)
+        """Step down; the next candidate (if any) becomes leader. ``revoked`` is set at once.
+
+        Raises NotHeld if the leadership was already over, OutcomeUnknown if the
+        resignation was not applied by the deadline (it keeps being proposed in the
+        background until it applies or the session ends; resigning again is a no-op)."""
+        self._election._resign(self, deadline_after(timeout))
 
     def proclaim(self, value: bytes, timeout: float | None = None) -> None:
         """Publish a new value for this leadership (observers see it). Raises NotHeld."""
@@ -99,30 +104,34 @@ class Election:
         with self._mutex:
             if self._term is not None and not self._term.revoked.is_set():
                 return self._term
-            session = session_for(self._replica, self._fixed_session, self.ttl, timeout)
+            deadline = deadline_after(timeout)
+            session = session_for(self._replica, self._fixed_session, self.ttl, deadline)
             token = self._table.claim(session, self.group, self._handle_id, Op.LEADER_CAMPAIGN,
                                       [self.group, self._handle_id, candidate_id, value, timeout != 0],
-                                      timeout, Timeout)
+                                      deadline, timeout == 0, Timeout)
             term = Term(self, candidate_id, value, token, session)
             self._table.hold(session, self._handle_id, term)
             self._term = term
             return term
 
-    def _resign(self, term: Term, timeout: float | None) -> None:
+    def _resign(self, term: Term, deadline: float) -> None:
         with self._mutex:
+            if term._resigned:
+                return  # already resigned (perhaps still being proposed in the background)
             if term.revoked.is_set():
                 raise NotHeld(f"leadership of {self.group!r} is already over")
+            term._resigned = True
             self._table._end(term)
             if self._term is term:
                 self._term = None
-            self._table.release(self._handle_id, term, NotHeld, timeout)
+            self._table.release(self._handle_id, term, NotHeld, deadline)
 
     def _proclaim(self, term: Term, value: bytes, timeout: float | None) -> None:
         if term.revoked.is_set():
             raise NotHeld(f"leadership of {self.group!r} is over")
         status, payload = self._replica.submit(term.session, Op.LEADER_PROCLAIM,
-                                               [self.group, self._handle_id, term.term, value], timeout,
-                                               f"proclaim {self.group!r}")
+                                               [self.group, self._handle_id, term.term, value],
+                                               deadline_after(timeout), f"proclaim {self.group!r}")
         if status in (Status.NOT_HELD, Status.SESSION_EXPIRED):
             raise NotHeld(f"leadership of {self.group!r} is over")
         raise_for_status(status, payload, f"proclaim {self.group!r}")
@@ -130,7 +139,8 @@ class Election:
 
     def current(self, consistency: str = "linearizable", timeout: float | None = None) -> LeaderInfo | None:
         """The group's leader now, or None."""
-        status, payload = self._replica.query(encode_query(Query.LEADER_INFO, [self.group]), consistency, timeout)
+        status, payload = self._replica.query(encode_query(Query.LEADER_INFO, [self.group]), consistency,
+                                              deadline_after(timeout))
         raise_for_status(status, payload, f"leader of {self.group!r}")
         return self._info(payload)
 

@@ -16,8 +16,15 @@ Guarantees
   ``Lease.lost`` is set before the cluster can give the lock to anyone else.
 
 Failure modes
-- ``acquire(timeout)`` raises LockTimeout; the wait is withdrawn through the log and a
-  grant that raced the timeout is released, so no lock is left held by nobody.
+- ``acquire(timeout)`` raises LockTimeout; the wait is withdrawn through the log (in the
+  background) and a grant that raced the timeout is released, so no lock is left held by
+  nobody.
+- An acquire whose answer is lost (leader change, dropped reply) returns the lease if its
+  grant was seen being applied by the deadline; otherwise it raises OutcomeUnknown and
+  whatever it took is released in the background.
+- ``release()`` returns once the release applied, or raises OutcomeUnknown by its
+  deadline (also on ``with`` exit) and keeps proposing it in the background until it
+  applies or the session ends; releasing that same lease again is a no-op.
 - Without a quorum for ``quorum_timeout``, ``acquire`` raises NoQuorum.
 - A process paused past its TTL may hold a lost lease without having noticed yet:
   that is what the fencing token is for.
@@ -31,7 +38,7 @@ from typing import Any, Callable
 
 from .errors import BadRequest, LockTimeout, NotHeld, SessionExpired
 from .ownership import Grant, acquire_op, check_name, check_timeout, ownership_table, session_for
-from .replica import Replica
+from .replica import Replica, deadline_after
 from .session import Session
 
 
@@ -70,6 +77,8 @@ class _Handle:
         self._mutex = threading.RLock()
         self._lease: Lease | None = None
         self._holds = 0
+        # the lease whose release went unanswered (still proposed in the background)
+        self._releasing: Lease | None = None
 
     def _acquire_args(self, wait: bool) -> list[Any]:
         return [self.name, self._handle_id, wait]
@@ -87,13 +96,15 @@ class _Handle:
         Raises LockTimeout, NoQuorum, or SessionExpired (the session was lost while waiting).
         """
         check_timeout(timeout)
+        deadline = deadline_after(timeout)
         with self._mutex:
             if self.lease is not None:
                 self._holds += 1
                 return self._lease
-            session = session_for(self._replica, self._fixed_session, self.ttl, timeout)
+            session = session_for(self._replica, self._fixed_session, self.ttl, deadline)
             token = self._table.claim(session, self.name, self._handle_id, self._acquire_op,
-                                      self._acquire_args(timeout != 0), timeout, LockTimeout)
+                                      self._acquire_args(timeout != 0), deadline, timeout == 0, LockTimeout)
+            self._releasing = None
             lease = Lease(self.name, token, session)
             self._table.hold(session, self._handle_id, lease)
             if lease.lost.is_set():
@@ -102,11 +113,18 @@ class _Handle:
             self._lease, self._holds = lease, 1
             return lease
 
-    def release(self) -> None:
-        """Release one hold; the last release gives it back. Raises NotHeld."""
+    def release(self, timeout: float | None = None) -> None:
+        """Release one hold; the last release gives it back through the log.
+
+        Raises NotHeld, or OutcomeUnknown when the release was not applied by the deadline
+        (it keeps being proposed in the background; releasing again is then a no-op).
+        ``timeout=None`` waits for it, but at most ``quorum_timeout`` without a quorum."""
+        check_timeout(timeout)
         with self._mutex:
             lease = self._lease
             if lease is None or self._holds == 0:
+                if self._releasing is not None:
+                    return  # that lease's release is already under way
                 raise NotHeld(f"{self.name!r} is not held by this handle")
             if lease.lost.is_set():
                 self._lease, self._holds = None, 0
@@ -115,8 +133,9 @@ class _Handle:
             if self._holds > 1:
                 self._holds -= 1
                 return
-            self._lease, self._holds = None, 0
-            self._table.release(self._handle_id, lease, NotHeld)
+            self._lease, self._holds, self._releasing = None, 0, lease
+            self._table.release(self._handle_id, lease, NotHeld, deadline_after(timeout))
+            self._releasing = None
 
     @property
     def held(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from .config import NodeConfig, load_config
@@ -10,7 +11,7 @@ from .data import Data
 from .errors import Closed, RaftsyncError
 from .leader import Election
 from .lock import Lock, RWLock, Semaphore
-from .replica import Replica
+from .replica import Replica, deadline_after
 from .session import Session
 
 
@@ -55,7 +56,8 @@ class Node:
     def wait_ready(self, timeout: float | None = 10.0) -> "Node":
         """Block until the group has a leader and this node's default session is open."""
         self._require_started()
-        self._replica.sessions.default(timeout)
+        # Waiting for the cluster to form is the point here: no NoQuorum before the deadline.
+        self._replica.sessions.default(deadline_after(timeout), no_quorum=False)
         return self
 
     def close(self, timeout: float = 5.0) -> None:
@@ -100,12 +102,12 @@ class Node:
     def session(self, ttl: float | None = None, timeout: float | None = 10.0) -> Session:
         """Open a new session (default TTL: the node's ``session_ttl``)."""
         self._require_started()
-        return self._replica.sessions.open(self.config.session_ttl if ttl is None else ttl, timeout)
+        return self._replica.sessions.open(self.config.session_ttl if ttl is None else ttl, deadline_after(timeout))
 
     @property
     def default_session(self) -> Session:
         self._require_started()
-        return self._replica.sessions.default(timeout=0)
+        return self._replica.sessions.default(time.monotonic())
 
     def data(self, prefix: str = "") -> Data:
         """The KV map, optionally scoped to keys starting with ``prefix``."""

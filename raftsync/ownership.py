@@ -1,10 +1,19 @@
 """What Lock and Leader share: claiming a name for a handle through the log.
 
 A claim registers a waiter, proposes the acquire command and, if queued, sleeps until
-the engine's grant notification (no polling). On timeout or quorum loss the wait is
-withdrawn through the log; a grant that raced the withdrawal is released by it, and
-a grant that arrives when nobody waits any more is released here ("orphan"), so a
-name is never left held by nobody. A lost session marks every grant it held lost.
+the engine's grant notification (no polling). Nothing is left held by a handle nobody
+has:
+- an acquire whose answer is lost is retried in the background (same seq, so it applies
+  once) until answered, then withdrawn, unless its grant was seen and handed to the
+  caller;
+- a wait that times out (or loses the quorum) is withdrawn in the background, which also
+  releases a grant that raced it; a grant arriving when nobody waits any more is
+  released here ("orphan");
+- a release is proposed until it applies or the session ends, past the caller's deadline
+  if need be.
+While any of that is pending for a (session, handle, name), a new claim by the same
+handle waits for it, so a late withdrawal cannot take a fresh grant away. A lost session
+marks every grant it held lost.
 """
 
 from __future__ import annotations
@@ -13,10 +22,10 @@ import threading
 import time
 from typing import Any, Callable
 
-from .codec import MAX_NAME_BYTES, Op, check_key, raise_for_status
-from .errors import BadRequest, NoQuorum, SessionExpired, TooLarge
+from .codec import MAX_NAME_BYTES, Op, Status, check_key, raise_for_status
+from .errors import NoQuorum, OutcomeUnknown, RaftsyncError, SessionExpired, TooLarge
 from .latch import Latch
-from .replica import Replica
+from .replica import Replica, deadline_after
 from .session import Session
 
 Key = tuple[int, int, str]  # (session_id, handle_id, name)
@@ -32,6 +41,13 @@ class Grant:
         self._latch = Latch()
         self._ended = self._latch.event
 
+    @property
+    def valid(self) -> bool:
+        """False once the grant ended or its session's "safe until" has passed, read from
+        the monotonic clock right now: it holds even when raftsync's threads are starved
+        and have not yet set ``lost``/``revoked``."""
+        return not self._ended.is_set() and time.monotonic() < self.session.safe_until
+
     def _on_end(self, callback: Callable[[Any], None]) -> None:
         if not self._latch.add(callback):
             self.session._replica.call_soon(callback, self)
@@ -41,15 +57,19 @@ class Grant:
 
 
 class _Waiter:
-    __slots__ = ("event", "token")
+    __slots__ = ("event", "token", "kept", "decided")
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.token = 0
+        # whether the caller took a grant it saw although its acquire went unanswered;
+        # ``decided`` is set once it chose
+        self.kept = False
+        self.decided = threading.Event()
 
 
 class OwnershipTable:
-    """Per replica and kind ("lock", "leader"): routes grant notifications to waiting
+    """Per replica and kind ("lock", "leader", ...): routes grant notifications to waiting
     handles and session loss to grants. Listeners run on the reader thread."""
 
     def __init__(self, replica: Replica, kind: str, release_op: int, withdraw_op: int) -> None:
@@ -60,9 +80,13 @@ class OwnershipTable:
         self.guard = threading.Lock()
         self.waiters: dict[Key, _Waiter] = {}
         self.grants: dict[Key, Grant] = {}
+        # claims, withdrawals and releases still being settled in the background
+        self.settling: dict[Key, threading.Event] = {}
         replica.add_listener(f"{kind}_granted", self._on_granted)
         replica.add_listener(f"{kind}_released", self._on_released)
         replica.add_listener("session_lost", self._on_session_lost)
+
+    # -- notifications (reader thread) --------------------------------------------------
 
     def _on_granted(self, effect: list[Any]) -> None:
         _, name, session_id, handle_id, token = effect
@@ -76,8 +100,10 @@ class OwnershipTable:
             grant = self.grants.get(key)
             if grant is not None and grant.token == token:
                 return  # re-announced after a snapshot install
-        threading.Thread(target=self._release_orphan, args=(name, session_id, handle_id, token),
-                         daemon=True).start()
+        session = self.replica.sessions.by_id(session_id)
+        if session is not None:
+            self._propose_in_background(session, key, self.release_op, [name, handle_id, token],
+                                        f"release orphaned {self.kind} grant {name!r}")
 
     def _on_released(self, effect: list[Any]) -> None:
         # The cluster released a grant we did not give back ourselves (e.g. the wait's
@@ -87,16 +113,6 @@ class OwnershipTable:
             grant = self.grants.get((session_id, handle_id, name))
         if grant is not None and grant.token == token:
             self._end(grant)
-
-    def _release_orphan(self, name: str, session_id: int, handle_id: int, token: int) -> None:
-        session = self.replica.sessions.by_id(session_id)
-        if session is None:
-            return  # the session is gone, and the cluster released its grants with it
-        try:
-            self.replica.submit(session, self.release_op, [name, handle_id, token], session.ttl,
-                                f"release orphaned {self.kind} grant")
-        except Exception:
-            pass
 
     def _on_session_lost(self, effect: list[Any]) -> None:
         session_id = effect[1]
@@ -112,58 +128,128 @@ class OwnershipTable:
         for callback in grant._end():
             self.replica.call_soon(callback, grant)
 
+    # -- settling -----------------------------------------------------------------------
+
+    def _begin_settling(self, key: Key) -> threading.Event:
+        settled = threading.Event()
+        with self.guard:
+            self.settling[key] = settled
+        return settled
+
+    def _end_settling(self, key: Key, settled: threading.Event) -> None:
+        with self.guard:
+            if self.settling.get(key) is settled:
+                del self.settling[key]
+        settled.set()
+
+    def _wait_settled(self, key: Key, deadline: float) -> bool:
+        while True:
+            with self.guard:
+                settled = self.settling.get(key)
+            if settled is None:
+                return True
+            if not settled.wait(max(0.0, deadline - time.monotonic())):
+                return False
+
+    def _propose_in_background(self, session: Session, key: Key, op: int, args: list[Any], what: str) -> None:
+        """Propose a release or withdrawal off the caller's thread, until it applies or the
+        session is lost; the handle's next claim waits for it."""
+        settled = self._begin_settling(key)
+
+        def done(status: int | None, payload: Any) -> None:
+            self._end_settling(key, settled)
+
+        def run() -> None:
+            try:
+                self.replica.finish(session, op, args, time.monotonic() + self.replica.config.quorum_timeout,
+                                    what, on_done=done)
+            except OutcomeUnknown:
+                return  # finish goes on in the background and calls done
+            except RaftsyncError:
+                pass  # the session is lost or the node closed: the cluster releases it
+            done(None, None)
+
+        threading.Thread(target=run, name="raftsync-settle", daemon=True).start()
+
+    # -- claim --------------------------------------------------------------------------
+
     def claim(self, session: Session, name: str, handle_id: int, acquire_op: int, args: list[Any],
-              timeout: float | None, timeout_error: Callable[[str], Exception]) -> int:
+              deadline: float, try_once: bool, timeout_error: Callable[[str], Exception]) -> int:
         """Propose ``acquire_op`` with ``args`` and wait for the grant; returns its token.
 
-        ``args`` must end with the ``wait`` flag; ``timeout=0`` asks once.
+        ``args`` must end with the ``wait`` flag. ``try_once`` asks once (the request may
+        still use one attempt's time). Raises ``timeout_error``, NoQuorum, SessionExpired or
+        OutcomeUnknown (the acquire went unanswered: whatever it took is given back in the
+        background).
         """
-        started = time.monotonic()
-        deadline = None if timeout is None else started + timeout
         key = (session.id, handle_id, name)
+        what = f"{self.kind} {name!r}"
+        if not self._wait_settled(key, deadline):
+            raise timeout_error(f"{name!r}: this handle's previous claim or release is still being settled")
         waiter = _Waiter()
+        settled = self._begin_settling(key)
         with self.guard:
             self.waiters[key] = waiter
+
+        def after_unknown(status: int | None, token: Any) -> None:
+            # The unanswered acquire is answered now (or its session is gone): unless the
+            # caller took the grant, withdraw whatever it did (queued or granted).
+            waiter.decided.wait(5.0)  # set by the caller right after submit raised
+            if status is not None and not waiter.kept:
+                self._propose_in_background(session, key, self.withdraw_op, [name, handle_id], f"withdraw {what}")
+            self._end_settling(key, settled)
+
+        unanswered = False
         try:
-            # The request itself may use one attempt's time even when asking once.
-            request_timeout = None if deadline is None else max(
-                deadline - time.monotonic(), self.replica.config.attempt_timeout)
-            status, token = self.replica.submit(session, acquire_op, args, request_timeout,
-                                                f"{self.kind} {name!r}")
-            raise_for_status(status, token, f"{self.kind} {name!r}")
+            request_deadline = max(deadline, time.monotonic() + self.replica.config.attempt_timeout) \
+                if try_once else deadline
+            try:
+                status, token = self.replica.submit(session, acquire_op, args, request_deadline, what,
+                                                    settle=after_unknown)
+            except OutcomeUnknown:
+                unanswered = True
+                with self.guard:
+                    waiter.kept = bool(waiter.token)  # its grant was applied and seen: it is ours
+                waiter.decided.set()
+                if waiter.kept:
+                    return waiter.token
+                raise
+            raise_for_status(status, token, what)
             if token:
                 return token
-            if timeout == 0:
+            if try_once:
                 raise timeout_error(f"{name!r} is held by another owner")
-            return self._wait(waiter, session, name, handle_id, deadline, timeout_error)
+            return self._wait(waiter, session, key, deadline, timeout_error)
         finally:
             with self.guard:
                 self.waiters.pop(key, None)
+            if not unanswered:
+                self._end_settling(key, settled)
 
-    def _wait(self, waiter: _Waiter, session: Session, name: str, handle_id: int, deadline: float | None,
+    def _wait(self, waiter: _Waiter, session: Session, key: Key, deadline: float,
               timeout_error: Callable[[str], Exception]) -> int:
+        _, handle_id, name = key
         quorum_timeout = self.replica.config.quorum_timeout
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            # Wake at least every quorum_timeout to notice a lost cluster.
-            if waiter.event.wait(quorum_timeout if remaining is None else min(remaining, quorum_timeout)):
+            unavailable = self.replica.unavailable_for()
+            now = time.monotonic()
+            # Wake in time to notice a lost cluster, too.
+            if waiter.event.wait(max(0.0, min(deadline - now, quorum_timeout - unavailable + 0.01))):
                 if waiter.token:
                     return waiter.token
                 raise SessionExpired(f"session lost while waiting for {name!r}")
             if self.replica.unavailable_for() >= quorum_timeout:
-                self._withdraw(session, name, handle_id)
-                raise NoQuorum(f"no quorum while waiting for {name!r}")
-            if deadline is not None and time.monotonic() >= deadline:
-                # A grant that raced the timeout is released by the withdrawal itself.
-                self._withdraw(session, name, handle_id)
-                raise timeout_error(f"{name!r} not acquired within the timeout")
+                error: Exception = NoQuorum(f"no quorum while waiting for {name!r}")
+            elif time.monotonic() >= deadline:
+                error = timeout_error(f"{name!r} not acquired within the timeout")
+            else:
+                continue
+            # A grant that raced the deadline is released by the withdrawal itself.
+            self._propose_in_background(session, key, self.withdraw_op, [name, handle_id],
+                                        f"withdraw {self.kind} {name!r}")
+            raise error
 
-    def _withdraw(self, session: Session, name: str, handle_id: int) -> None:
-        try:
-            self.replica.submit(session, self.withdraw_op, [name, handle_id], max(1.0, session.ttl),
-                                f"withdraw {self.kind} {name!r}")
-        except Exception:
-            pass  # unknown outcome: a grant that still arrives is released as an orphan
+    # -- holding and releasing ------------------------------------------------------------
 
     def hold(self, session: Session, handle_id: int, grant: Grant) -> None:
         key = (session.id, handle_id, grant.name)
@@ -179,28 +265,38 @@ class OwnershipTable:
                 del self.grants[key]
 
     def release(self, handle_id: int, grant: Grant, not_held: Callable[[str], Exception],
-                timeout: float | None = None) -> None:
-        """Give a grant back through the log."""
-        from .codec import Status
-
+                deadline: float) -> None:
+        """Give a grant back through the log. Returns once applied; raises OutcomeUnknown
+        at the deadline, and the release is then still proposed in the background until
+        it applies or the session ends."""
+        key = (grant.session.id, handle_id, grant.name)
+        what = f"release {self.kind} {grant.name!r}"
         self.forget(handle_id, grant)
-        status, payload = self.replica.submit(grant.session, self.release_op,
-                                              [grant.name, handle_id, grant.token], timeout,
-                                              f"release {self.kind} {grant.name!r}")
+        settled = self._begin_settling(key)
+        try:
+            status, payload = self.replica.finish(grant.session, self.release_op,
+                                                  [grant.name, handle_id, grant.token], deadline, what,
+                                                  on_done=lambda status, payload: self._end_settling(key, settled))
+        except OutcomeUnknown:
+            raise
+        except BaseException:
+            self._end_settling(key, settled)
+            raise
+        self._end_settling(key, settled)
         if status in (Status.SESSION_EXPIRED, Status.NOT_HELD):
             raise not_held(f"{grant.name!r} was no longer held (lost lease or session)")
-        raise_for_status(status, payload, f"release {self.kind} {grant.name!r}")
+        raise_for_status(status, payload, what)
 
 
-def session_for(replica: Replica, session: Session | None, ttl: float | None, timeout: float | None) -> Session:
+def session_for(replica: Replica, session: Session | None, ttl: float | None, deadline: float) -> Session:
     """The session a handle acts under: explicit, per-TTL shared, or the node's default."""
     if session is not None:
         if session.lost.is_set():
             raise SessionExpired(f"session {session.id:#x} is lost")
         return session
     if ttl is None:
-        return replica.sessions.default(timeout)
-    return replica.sessions.for_ttl(ttl, timeout)
+        return replica.sessions.default(deadline)
+    return replica.sessions.for_ttl(ttl, deadline)
 
 
 # kind -> (acquire, release, withdraw) ops
@@ -230,7 +326,5 @@ def check_name(name: Any, what: str) -> str:
 
 
 def check_timeout(timeout: Any) -> float | None:
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or timeout < 0):
-        raise BadRequest("timeout must be None or a number >= 0")
+    deadline_after(timeout)  # raises BadRequest
     return timeout

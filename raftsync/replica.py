@@ -23,15 +23,20 @@ import threading
 import time
 from typing import Any, Callable
 
-from .channel import BlockingChannel, Failure, Msg
-from .codec import decode_result, encode_command
+from .channel import BlockingChannel, ChannelClosed, Failure, Msg
+from .codec import NOT_APPLIED, Status, decode_result, encode_command
 from .config import NodeConfig
-from .errors import BadRequest, Closed, ConfigError, NoQuorum, RaftsyncError, SessionExpired, Timeout
+from .errors import (BadRequest, Closed, ConfigError, NoQuorum, OutcomeUnknown, QuorumLostOutcomeUnknown,
+                     RaftsyncError, SessionExpired, Timeout)
 from .session import Session, SessionKeeper
 
 log = logging.getLogger("raftsync.replica")
 
 PING_INTERVAL = 0.1
+# The engine sends a STATE frame at least every 0.25 s; silence this long means it is
+# stopped or starved, and calls treat the cluster as unavailable (NoQuorum, not a hang).
+ENGINE_SILENCE_LIMIT = 1.0
+INFINITY = float("inf")
 
 
 class _Pending:
@@ -58,6 +63,7 @@ class Replica:
         self.term = 0
         self.has_quorum = False
         self._unavailable_since: float | None = time.monotonic()
+        self._last_engine_frame = time.monotonic()
         self._listeners: dict[str, list[Callable[[list[Any]], None]]] = {}
         self._watches: dict[int, Callable[[str, Any], None]] = {}
         self._attachments: dict[str, Any] = {}
@@ -171,6 +177,7 @@ class Replica:
         self.notify_listeners(["engine_gone"])
 
     def _on_message(self, message: list[Any]) -> None:
+        self._last_engine_frame = time.monotonic()
         kind = message[0]
         if kind in (Msg.RESULT, Msg.FAILED):
             with self._requests_lock:
@@ -209,21 +216,6 @@ class Replica:
         Listeners must be quick and must not block."""
         self._listeners.setdefault(kind, []).append(listener)
 
-    def add_watch(self, watch_id: int, deliver: Callable[[str, Any], None]) -> None:
-        self.check_open()
-        self._watches[watch_id] = deliver
-
-    def remove_watch(self, watch_id: int) -> None:
-        if self._watches.pop(watch_id, None) is not None:
-            try:
-                self._channel.send([Msg.UNWATCH, watch_id])
-            except OSError:
-                pass
-
-    def send_frame(self, message: list[Any]) -> None:
-        self.check_open()
-        self._channel.send(message)
-
     def attachment(self, key: str, factory: Callable[["Replica"], Any]) -> Any:
         """One shared helper object per replica (e.g. a primitive's notification router)."""
         with self._attachments_lock:
@@ -232,16 +224,13 @@ class Replica:
                 item = self._attachments[key] = factory(self)
             return item
 
-    def unavailable_for(self) -> float:
-        """Seconds since the engine last knew a leader with a quorum (0 if it knows one)."""
-        since = self._unavailable_since
-        return 0.0 if since is None else time.monotonic() - since
-
     # -- background threads ----------------------------------------------------------
 
     def _ping_loop(self) -> None:
         # Tells the engine this process is alive; without it keepalives stop.
         while not self._closed.wait(PING_INTERVAL):
+            if self._channel.backlog_bytes:
+                continue  # the engine is not reading: frames are already waiting for it
             try:
                 self._channel.send([Msg.PING])
             except OSError:
@@ -265,7 +254,9 @@ class Replica:
     # -- requests --------------------------------------------------------------------
 
     def _request(self, message: list[Any], deadline: float) -> list[Any] | None:
-        """Send a request frame (message[1] is filled with a fresh id); wait for its reply."""
+        """Send a request frame (message[1] is filled with a fresh id); wait for its reply
+        until ``deadline``. None: no reply in time. Raises ChannelStalled if the frame could
+        not even be queued by then (nothing was sent)."""
         request_id = next(self._request_ids)
         message[1] = request_id
         pending = _Pending()
@@ -273,10 +264,10 @@ class Replica:
             self._requests[request_id] = pending
         try:
             try:
-                self._channel.send(message)
-            except OSError:
+                self._channel.send(message, deadline)
+            except ChannelClosed:
                 self.check_open()
-                raise Closed("channel to the engine is closed") from None
+                raise
             pending.event.wait(max(0.0, deadline - time.monotonic()))
             if pending.reply is None:
                 self.check_open()
@@ -285,20 +276,38 @@ class Replica:
             with self._requests_lock:
                 self._requests.pop(request_id, None)
 
+    def _available(self, now: float) -> bool:
+        return (self.leader is not None and self.has_quorum
+                and now - self._last_engine_frame < ENGINE_SILENCE_LIMIT)
+
+    def unavailable_for(self) -> float:
+        """Seconds since the engine last knew a leader with a quorum (0 if it knows one).
+        An engine that has sent nothing for ENGINE_SILENCE_LIMIT (stopped, starved) counts
+        as unavailable from its last frame on."""
+        now = time.monotonic()
+        silent_since = self._last_engine_frame + ENGINE_SILENCE_LIMIT
+        since = self._unavailable_since
+        if now >= silent_since:
+            since = silent_since if since is None else min(since, silent_since)
+        return 0.0 if since is None else max(0.0, now - since)
+
     def _wait_available(self, deadline: float, started: float) -> None:
-        """Block until the engine knows a leader with a quorum; NoQuorum past quorum_timeout."""
+        """Block until the engine knows a leader with a quorum; NoQuorum once it has not for
+        quorum_timeout (counted from ``started`` at the earliest); Timeout at the deadline."""
+        quorum_timeout = self.config.quorum_timeout
         with self._state_changed:
             while True:
                 self.check_open()
-                if self.leader is not None and self.has_quorum:
-                    return
                 now = time.monotonic()
-                since = max(self._unavailable_since or now, started)
-                if now - since >= self.config.quorum_timeout:
-                    raise NoQuorum(f"no leader with a quorum for {now - since:.1f}s")
+                if self._available(now):
+                    return
+                unavailable = min(self.unavailable_for(), now - started)
+                if unavailable >= quorum_timeout:
+                    raise NoQuorum(f"no leader with a quorum for {unavailable:.1f}s")
                 if now >= deadline:
                     raise Timeout("no leader before the deadline")
-                self._state_changed.wait(min(deadline, since + self.config.quorum_timeout) - now)
+                # Re-check at least every ENGINE_SILENCE_LIMIT: silence sends no notification.
+                self._state_changed.wait(min(deadline - now, quorum_timeout - unavailable, ENGINE_SILENCE_LIMIT))
 
     def _backoff(self, attempt: int, deadline: float) -> None:
         """After a failed attempt wait for a state change, at most a short backoff."""
@@ -306,54 +315,172 @@ class Replica:
         with self._state_changed:
             self._state_changed.wait(max(0.0, min(deadline - time.monotonic(), pause)))
 
-    def _exchange(self, make_message: Callable[[], list[Any]], timeout: float | None, what: str) -> Any:
-        """The one retry loop: resend until a RESULT arrives, the deadline or NoQuorum."""
+    def _exchange(self, make_message: Callable[[], list[Any]], deadline: float, what: str,
+                  command: bool) -> tuple[bytes, bool]:
+        """The one retry loop: resend until a RESULT arrives, the deadline, or NoQuorum.
+
+        Returns (result bytes, whether an earlier attempt went unanswered). For a
+        ``command``, once anything was sent, running out of time is OutcomeUnknown (it may
+        still apply); before that, and for reads, it is Timeout / NoQuorum."""
         self.check_open()
         started = time.monotonic()
-        deadline = started + timeout if timeout is not None else float("inf")
         attempt = 0
+        unanswered = False  # an attempt was sent and got no reply: it may have applied
         while True:
-            self._wait_available(deadline, started)
-            attempt_deadline = min(deadline, time.monotonic() + self.config.attempt_timeout)
-            reply = self._request(make_message(), attempt_deadline)
+            try:
+                self._wait_available(deadline, started)
+                attempt_deadline = min(deadline, time.monotonic() + self.config.attempt_timeout)
+                reply = self._request(make_message(), attempt_deadline)
+            except NoQuorum as exc:
+                if command and unanswered:
+                    raise QuorumLostOutcomeUnknown(f"{what}: {exc}; it may still apply") from None
+                raise
+            except Timeout:
+                if command and unanswered:
+                    raise OutcomeUnknown(f"{what}: no answer by the deadline; it may still apply") from None
+                raise
             if reply is not None and reply[0] == Msg.RESULT:
-                return reply[2]
+                return reply[2], unanswered
             if reply is not None and reply[2] == Failure.REJECTED:
                 raise BadRequest(f"{what}: rejected by the engine")
+            # No reply, or a failure meaning the command may still apply.
+            unanswered = True
             if time.monotonic() >= deadline:
-                raise Timeout(f"{what}: no answer within {timeout}s (a write may still apply)")
+                if command:
+                    raise OutcomeUnknown(f"{what}: no answer by the deadline; it may still apply")
+                raise Timeout(f"{what}: no answer by the deadline")
             attempt += 1
             if reply is not None:
                 self._backoff(attempt, deadline)
 
-    def submit(self, session: Session, op: int, args: list[Any], timeout: float | None,
-               what: str = "", allow_lost: bool = False) -> tuple[int, Any]:
-        """Propose a command for ``session`` and return (status, payload)."""
+    def submit(self, session: Session, op: int, args: list[Any], deadline: float, what: str = "",
+               allow_lost: bool = False,
+               settle: Callable[[int | None, Any], None] | None = None) -> tuple[int, Any]:
+        """Propose a command for ``session`` and return (status, payload).
+
+        Raises OutcomeUnknown when it was sent and no answer came by ``deadline`` (also
+        when the machine can no longer tell: result trimmed, session ended). With
+        ``settle``, such a command keeps being retried in the background (same seq, so it
+        applies at most once) and ``settle(status, payload)`` runs on a raftsync thread
+        once it is answered, or ``settle(None, None)`` once its session is lost or the
+        node closes (the cluster then releases what the session held).
+        """
         if session.lost.is_set() and not allow_lost:
             raise SessionExpired(f"session {session.id:#x} is lost ({session.lost_reason})")
+        what = what or f"op {op}"
         seq, acked_below = session._begin()
+        command = encode_command(op, session.id, seq, acked_below, args)
+        background = False
         try:
-            command = encode_command(op, session.id, seq, acked_below, args)
-            result = self._exchange(lambda: [Msg.SUBMIT, 0, command], timeout, what or f"op {op}")
+            result, retried = self._exchange(lambda: [Msg.SUBMIT, 0, command], deadline, what, True)
+        except OutcomeUnknown:
+            if settle is not None:
+                background = True
+                threading.Thread(target=self._settle, args=(session, seq, command, what, settle, allow_lost),
+                                 name="raftsync-settle", daemon=True).start()
+            raise
+        finally:
+            if not background:
+                session._end(seq)
+        status, payload = decode_result(result)
+        return self._definite(status, payload, retried, what)
+
+    @staticmethod
+    def _definite(status: int, payload: Any, retried: bool, what: str) -> tuple[int, Any]:
+        """Turn answers that cannot say whether the command applied into OutcomeUnknown."""
+        if status == Status.STALE:
+            raise OutcomeUnknown(f"{what}: its result was trimmed; it may have applied")
+        if status == Status.SESSION_EXPIRED and retried and payload != NOT_APPLIED:
+            # An earlier attempt may have applied before the session ended, and the ended
+            # session's results are no longer kept.
+            raise OutcomeUnknown(f"{what}: the session ended and its results are gone; it may have applied")
+        return status, payload
+
+    def _settle(self, session: Session, seq: int, command: bytes, what: str,
+                settle: Callable[[int | None, Any], None], allow_lost: bool) -> None:
+        """Retry one command whose outcome was unknown until it is answered (or, unless it
+        is meant for a lost session, until its session is lost: the cluster then releases
+        everything the session held)."""
+        answer: tuple[int | None, Any] = (None, None)
+        try:
+            attempt = 0
+            while self.serving and (allow_lost or not session.lost.is_set()):
+                deadline = time.monotonic() + self.config.quorum_timeout
+                try:
+                    result, _ = self._exchange(lambda: [Msg.SUBMIT, 0, command], deadline, what, True)
+                except (Timeout, NoQuorum):
+                    attempt += 1
+                    self._backoff(attempt, time.monotonic() + 0.5)
+                    continue
+                except RaftsyncError:
+                    break
+                answer = decode_result(result)
+                break
         finally:
             session._end(seq)
+            try:
+                settle(*answer)
+            except Exception:
+                log.exception("settling %s failed", what)
+
+    def finish(self, session: Session, op: int, args: list[Any], deadline: float, what: str,
+               allow_lost: bool = False,
+               on_done: Callable[[int | None, Any], None] | None = None) -> tuple[int, Any]:
+        """Propose a command that must apply in the end (a release, a withdrawal, a close).
+
+        Returns its answer if it comes by ``deadline``. Otherwise raises OutcomeUnknown
+        and keeps proposing it in the background, also when nothing could be sent yet,
+        until it is answered or its session is lost (unless ``allow_lost``) or the node
+        closes; ``on_done(status, payload)`` then runs (``(None, None)`` if it gave up).
+        """
+        done = on_done or _ignore_answer
+        try:
+            return self.submit(session, op, args, deadline, what, allow_lost=allow_lost, settle=done)
+        except OutcomeUnknown:
+            raise
+        except (Timeout, NoQuorum) as exc:  # nothing was sent yet
+            threading.Thread(target=self._finish_later, args=(session, op, args, what, allow_lost, done),
+                             name="raftsync-settle", daemon=True).start()
+            error = QuorumLostOutcomeUnknown if isinstance(exc, NoQuorum) else OutcomeUnknown
+            raise error(f"{what}: not applied yet ({exc}); it keeps being proposed") from None
+
+    def _finish_later(self, session: Session, op: int, args: list[Any], what: str, allow_lost: bool,
+                      done: Callable[[int | None, Any], None]) -> None:
+        attempt = 0
+        while self.serving and (allow_lost or not session.lost.is_set()):
+            try:
+                status, payload = self.submit(session, op, args, time.monotonic() + self.config.quorum_timeout,
+                                              what, allow_lost=allow_lost, settle=done)
+            except OutcomeUnknown:
+                return  # submit's settling carries on and calls done
+            except (Timeout, NoQuorum):
+                attempt += 1
+                self._backoff(attempt, time.monotonic() + 0.5)
+                continue
+            except RaftsyncError:
+                break
+            done(status, payload)
+            return
+        done(None, None)
+
+    def submit_engine_command(self, command: bytes, deadline: float, what: str) -> tuple[int, Any]:
+        """Propose a session-free command (e.g. OPEN_SESSION); it must be idempotent."""
+        result, _ = self._exchange(lambda: [Msg.SUBMIT, 0, command], deadline, what, True)
         return decode_result(result)
 
-    def submit_engine_command(self, command: bytes, timeout: float | None, what: str) -> tuple[int, Any]:
-        """Propose a session-free command (e.g. OPEN_SESSION); it must be idempotent."""
-        return decode_result(self._exchange(lambda: [Msg.SUBMIT, 0, command], timeout, what))
-
-    def query(self, query: bytes, consistency: str, timeout: float | None) -> tuple[int, Any]:
+    def query(self, query: bytes, consistency: str, deadline: float) -> tuple[int, Any]:
         if consistency not in ("linearizable", "local"):
             raise BadRequest("consistency must be 'linearizable' or 'local'")
-        linearizable = consistency == "linearizable"
-        if not linearizable:
+        if consistency == "local":
             self.check_open()
-            reply = self._request([Msg.READ, 0, query, False], time.monotonic() + (timeout or 30.0))
+            # A local read needs no leader, only a live engine: at least a short wait.
+            reply = self._request([Msg.READ, 0, query, False], max(deadline, time.monotonic() + 1.0)
+                                  if deadline != INFINITY else time.monotonic() + self.config.quorum_timeout)
             if reply is None or reply[0] != Msg.RESULT:
-                raise Timeout("local read got no answer")
+                raise Timeout("local read got no answer from the engine")
             return decode_result(reply[2])
-        return decode_result(self._exchange(lambda: [Msg.READ, 0, query, True], timeout, "read"))
+        result, _ = self._exchange(lambda: [Msg.READ, 0, query, True], deadline, "read", False)
+        return decode_result(result)
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         self.check_open()
@@ -362,6 +489,51 @@ class Replica:
             raise Timeout("engine status got no answer")
         return reply[2]
 
+    # -- control frames (small; queued even when the engine is not reading) ----------
+
+    def own(self, session_id: int, ttl: float) -> None:
+        """Ask the engine to keep ``session_id`` alive while this process lives."""
+        self._control([Msg.OWN, session_id, int(ttl * 1000)])
+
+    def disown(self, session_id: int) -> None:
+        self._control([Msg.DISOWN, session_id])
+
+    def watch(self, watch_id: int, kind: str, key: str, from_revision: int | None,
+              deliver: Callable[[str, Any], None]) -> None:
+        self.check_open()
+        self._watches[watch_id] = deliver
+        self._control([Msg.WATCH, watch_id, kind, key, from_revision])
+
+    def remove_watch(self, watch_id: int) -> None:
+        if self._watches.pop(watch_id, None) is not None:
+            try:
+                self._control([Msg.UNWATCH, watch_id])
+            except RaftsyncError:
+                pass
+
+    def _control(self, message: list[Any]) -> None:
+        self.check_open()
+        self._channel.send(message)
+
+    def test_hook(self, name: str, **args: Any) -> None:
+        """Test hook (only with ``test_hooks=True``): e.g. ``drop_replies(count)``,
+        ``drop_barriers(count)``; see the engine's ``_TEST_HOOKS``."""
+        self._control([Msg.TEST_HOOK, name, args])
+
     def test_drop_replies(self, count: int) -> None:
         """Test hook: the engine drops the next ``count`` command results."""
-        self._channel.send([Msg.TEST_DROP_REPLY, count])
+        self.test_hook("drop_replies", count=count)
+
+
+def _ignore_answer(status: int | None, payload: Any) -> None:
+    pass
+
+
+def deadline_after(timeout: float | None) -> float:
+    """The monotonic deadline of a public call's ``timeout`` (None: no deadline); one per
+    call, carried down to every wait it makes. Raises BadRequest for a bad timeout."""
+    if timeout is None:
+        return INFINITY
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise BadRequest("timeout must be None or a number >= 0")
+    return time.monotonic() + timeout

@@ -25,7 +25,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from .channel import Msg
 from .codec import Op, Status, encode_command, raise_for_status
 from .errors import BadRequest, NoQuorum, RaftsyncError, Timeout
 from .latch import Latch
@@ -37,6 +36,7 @@ log = logging.getLogger("raftsync.session")
 
 MIN_TTL = 0.3
 MAX_TTL = 86400.0
+INFINITY = float("inf")
 
 
 # The app reports a lease lost this long before the cluster could expire it, to
@@ -58,6 +58,9 @@ class Session:
         self._lock = threading.Lock()
         self._next_seq = 1
         self._in_flight: set[int] = set()
+        # set once this process asked the cluster to close it: the cluster's own notice
+        # of the end is then this close, not a loss
+        self._closing = False
         # set by the replica from the OPEN_SESSION send time, then by each acknowledged keepalive
         self.safe_until = 0.0
 
@@ -87,8 +90,13 @@ class Session:
             self._replica.call_soon(callback, self)
 
     def close(self, timeout: float | None = 5.0) -> None:
-        """Close the session in the cluster, releasing everything it holds at once."""
-        self._replica.sessions.close(self, timeout)
+        """Close the session in the cluster, releasing everything it holds at once.
+
+        Raises OutcomeUnknown if the close got no answer in time; it is then still
+        proposed in the background. The session is over for this process either way."""
+        from .replica import deadline_after
+
+        self._replica.sessions.close(self, deadline_after(timeout))
 
     @property
     def alive(self) -> bool:
@@ -127,31 +135,36 @@ class SessionKeeper:
 
     # -- opening and closing -------------------------------------------------------
 
-    def open(self, ttl: float, timeout: float | None = None) -> Session:
+    def open(self, ttl: float, deadline: float) -> Session:
         if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not MIN_TTL <= ttl <= MAX_TTL:
             raise BadRequest(f"ttl must be a number of seconds between {MIN_TTL} and {MAX_TTL}")
         session = Session(secrets.randbits(62) | 1, float(ttl), self._replica)
         command = encode_command(Op.OPEN_SESSION, session.id, 0, 0, [int(ttl * 1000)])
         sent_at = time.monotonic()
-        status, payload = self._replica.submit_engine_command(command, timeout, "open session")
+        status, payload = self._replica.submit_engine_command(command, deadline, "open session")
         if status != Status.OK:
             raise_for_status(status, payload, "open session")
         with self._lock:
             self._sessions[session.id] = session
             session._extend(sent_at)
             self._watchdog_wake.notify_all()
-        self._replica.send_frame([Msg.OWN, session.id, int(ttl * 1000)])
+        self._replica.own(session.id, ttl)
         return session
 
-    def close(self, session: Session, timeout: float | None) -> None:
+    def close(self, session: Session, deadline: float) -> None:
         if session.lost.is_set():
             return
+        session._closing = True
         try:
-            status, payload = self._replica.submit(session, Op.CLOSE_SESSION, [], timeout, "close session")
+            # The close's own "session ended" notice arrives before its answer and ends
+            # the session locally (_on_session_ended); an unanswered close keeps being
+            # proposed in the background until it applies.
+            status, payload = self._replica.finish(session, Op.CLOSE_SESSION, [], deadline, "close session",
+                                                   allow_lost=True)
             if status not in (Status.OK, Status.SESSION_EXPIRED):
                 raise_for_status(status, payload, "close session")
         finally:
-            self.lose(session, "closed")
+            self.lose(session, "closed", ended_in_cluster=True)
 
     def close_all(self, timeout: float) -> None:
         with self._lock:
@@ -159,7 +172,7 @@ class SessionKeeper:
         deadline = time.monotonic() + timeout
         for session in sessions:
             try:
-                self.close(session, max(0.1, deadline - time.monotonic()))
+                self.close(session, max(deadline, time.monotonic() + 0.1))
             except RaftsyncError:
                 pass
 
@@ -175,47 +188,59 @@ class SessionKeeper:
         with self._lock:
             return self._sessions.get(session_id)
 
-    def for_ttl(self, ttl: float, timeout: float | None) -> Session:
+    def for_ttl(self, ttl: float, deadline: float) -> Session:
         """A shared session with this TTL (for locks given their own ttl), reopened when lost."""
         if ttl == self._replica.config.session_ttl:
-            return self.default(timeout)
+            return self.default(deadline)
         with self._by_ttl_lock:
             session = self._by_ttl.get(ttl)
             if session is None or session.lost.is_set():
-                session = self._by_ttl[ttl] = self.open(ttl, timeout)
+                session = self._by_ttl[ttl] = self.open(ttl, deadline)
             return session
 
-    def default(self, timeout: float | None = None) -> Session:
-        """The node's current default session, waiting for one to open if needed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def default(self, deadline: float, no_quorum: bool = True) -> Session:
+        """The node's current default session, waiting until ``deadline`` for one to open.
+
+        ``no_quorum``: raise NoQuorum once the cluster has had no leader with a quorum for
+        ``quorum_timeout`` during this call (so that no call without a deadline hangs)."""
+        quorum_timeout = self._replica.config.quorum_timeout
+        started = time.monotonic()
         with self._default_ready:
             while True:
                 self._replica.check_open()
                 session = self._default
                 if session is not None and not session.lost.is_set():
                     return session
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                now = time.monotonic()
+                unavailable = min(self._replica.unavailable_for(), now - started)
+                if no_quorum and unavailable >= quorum_timeout:
+                    raise NoQuorum(f"no session: no leader with a quorum for {unavailable:.1f}s")
+                if now >= deadline:
                     raise Timeout("no open session yet (is there a leader?)")
-                self._default_ready.wait(remaining)
+                # Woken when a session opens; re-check the quorum at least every half second.
+                self._default_ready.wait(min(deadline - now, max(0.01, quorum_timeout - unavailable), 0.5))
 
     # -- loss ------------------------------------------------------------------------
 
-    def lose(self, session: Session, reason: str) -> None:
-        """Report ``session`` lost to the app, stop its keepalives and close it in the cluster."""
+    def lose(self, session: Session, reason: str, ended_in_cluster: bool = False) -> None:
+        """Report ``session`` lost to the app, stop its keepalives and, unless the cluster
+        already ended it, close it there too.
+
+        Every grant of the session is marked lost before anything is written to the
+        channel: with the engine stalled, this process still learns of the loss at once."""
         callbacks = session._mark_lost(reason)
         with self._lock:
             if self._sessions.pop(session.id, None) is None:
                 return
         replica = self._replica
-        try:
-            replica.send_frame([Msg.DISOWN, session.id])
-        except RaftsyncError:
-            pass
+        replica.notify_listeners(["session_lost", session.id])
         for callback in callbacks:
             replica.call_soon(callback, session)
-        replica.notify_listeners(["session_lost", session.id])
-        if reason != "closed" and replica.serving:
+        try:
+            replica.disown(session.id)
+        except RaftsyncError:
+            pass
+        if not ended_in_cluster and replica.serving:
             # The app has been told it is lost: make that true in the cluster too.
             threading.Thread(target=self._close_lost, args=(session,), daemon=True).start()
         if session is self._default:
@@ -224,10 +249,10 @@ class SessionKeeper:
 
     def _close_lost(self, session: Session) -> None:
         try:
-            self._replica.submit(session, Op.CLOSE_SESSION, [], session.ttl * 3, "close lost session",
-                                 allow_lost=True)
+            self._replica.finish(session, Op.CLOSE_SESSION, [], time.monotonic() + session.ttl,
+                                 "close lost session", allow_lost=True)
         except RaftsyncError:
-            pass  # it expires on its own: nothing keeps it alive any more
+            pass  # still proposed in the background; it also expires on its own
 
     def _on_keepalive_ack(self, effect: list[Any]) -> None:
         _, session_ids, sent_at = effect
@@ -240,8 +265,12 @@ class SessionKeeper:
 
     def _on_session_ended(self, effect: list[Any]) -> None:
         session = self.by_id(effect[1])
-        if session is not None:
-            self.lose(session, f"session {effect[2]} by the cluster")
+        if session is None:
+            return
+        if session._closing and effect[2] == "closed":
+            self.lose(session, "closed", ended_in_cluster=True)
+        else:
+            self.lose(session, f"session {effect[2]} by the cluster", ended_in_cluster=True)
 
     def _on_engine_gone(self, effect: list[Any]) -> None:
         with self._default_ready:
@@ -249,7 +278,7 @@ class SessionKeeper:
         with self._lock:
             sessions = list(self._sessions.values())
         for session in sessions:
-            self.lose(session, "engine exited")
+            self.lose(session, "engine exited", ended_in_cluster=True)
 
     # -- background threads ----------------------------------------------------------
 
@@ -275,7 +304,7 @@ class SessionKeeper:
         replica = self._replica
         while replica.serving:
             try:
-                session = self.open(replica.config.session_ttl, timeout=None)
+                session = self.open(replica.config.session_ttl, INFINITY)
             except NoQuorum:
                 continue
             except RaftsyncError:

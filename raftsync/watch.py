@@ -6,7 +6,6 @@ import itertools
 import queue
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from .channel import Msg
 from .errors import Closed, Compacted, Timeout
 
 T = TypeVar("T")
@@ -27,8 +26,7 @@ class WatchStream(Generic[T]):
         self._convert = convert
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
-        replica.add_watch(self.id, self._deliver)
-        replica.send_frame([Msg.WATCH, self.id, kind, key, from_revision])
+        replica.watch(self.id, kind, key, from_revision, self._deliver)
 
     def _deliver(self, kind: str, payload: Any) -> None:
         """Reader thread: queue one pushed change (or the end of the stream)."""

@@ -11,7 +11,10 @@ Duties:
   and send back the result bytes, or a FAILED reason meaning *unknown outcome*.
 - READ: ``local`` answers from this replica at once; ``linearizable`` waits for a
   BARRIER command proposed after the read arrived (reads arriving while one barrier is
-  in flight share the next one).
+  in flight share the next one). PySyncObj may never call a barrier's callback (a
+  forwarded command or its answer lost without a leader change, a snapshot installed
+  past it): each barrier has a deadline, after which its reads fail (the app retries
+  them) and the next barrier goes out.
 - Keepalives: every TTL/3 for the sessions the app owns, but only while the app has
   sent a frame recently, so a dead or stopped app loses its sessions.
 - Deadlines (Raft leader only): expire a session whose last keepalive was applied
@@ -60,6 +63,19 @@ _OWNER_EFFECTS = ("lock_granted", "lock_released", "leader_granted", "leader_rel
 MAX_OUTGOING_BYTES = 256 * 1024 * 1024
 # Keepalives continue only while the app sent a frame within min(this, ttl/3).
 APP_SILENCE_LIMIT = 1.0
+# A STATE frame goes to the app at least this often, so the app can tell a stalled
+# engine from a quiet one.
+STATE_INTERVAL = 0.25
+# A barrier not answered by then is given up (its reads fail and are retried).
+BARRIER_TIMEOUT = 0.5
+
+
+class _Barrier:
+    __slots__ = ("reads", "deadline")
+
+    def __init__(self, reads: list[tuple[int, bytes]], deadline: float) -> None:
+        self.reads = reads
+        self.deadline = deadline
 
 
 class _MachineConsumer(SyncObjConsumer):
@@ -146,11 +162,16 @@ class Engine:
         self._watches = Watches(self._send)
         self._was_leader = False
         self._state: tuple | None = None
+        self._state_sent_at = 0.0
         self._pending_reads: list[tuple[int, bytes]] = []
-        self._barrier_in_flight = False
-        self._drop_replies = 0
-        self._dropped_replies = 0
+        self._barrier: _Barrier | None = None
+        self._barriers_abandoned = 0
         self._snapshots_restored = 0
+        # command op -> SUBMIT frames seen (how many log entries the app asked for)
+        self._submitted_ops: dict[int, int] = {}
+        # test hooks (only with test_hooks): name -> how many more times to fire
+        self._hooks: dict[str, int] = {}
+        self._hooks_fired: dict[str, int] = {}
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -266,13 +287,36 @@ class Engine:
             self._watches.add(self.machine, message[1], message[2], message[3], message[4])
         elif kind == Msg.UNWATCH:
             self._watches.remove(message[1])
-        elif kind == Msg.TEST_DROP_REPLY:
-            if self._config.get("test_hooks"):
-                self._drop_replies += int(message[1])
+        elif kind == Msg.TEST_HOOK:
+            self._arm_hook(message[1], message[2])
         elif kind == Msg.CLOSE:
             self.stop()
         else:
             log.warning("unknown channel message kind %r", kind)
+
+    # -- test hooks ------------------------------------------------------------------
+
+    # name -> what it does, each for the next ``count`` occasions
+    _TEST_HOOKS = {
+        "drop_replies": "drop the result of an app's command (it applied; the app never hears)",
+        "drop_barriers": "never run a read barrier's callback (as PySyncObj may not)",
+    }
+
+    def _arm_hook(self, name: Any, args: Any) -> None:
+        if not self._config.get("test_hooks"):
+            log.warning("test hook %r refused: test_hooks is off", name)
+            return
+        if name not in self._TEST_HOOKS or not isinstance(args, dict):
+            log.warning("unknown test hook %r", name)
+            return
+        self._hooks[name] = self._hooks.get(name, 0) + int(args.get("count", 1))
+
+    def _hook_fires(self, name: str) -> bool:
+        if not self._hooks.get(name):
+            return False
+        self._hooks[name] -= 1
+        self._hooks_fired[name] = self._hooks_fired.get(name, 0) + 1
+        return True
 
     # -- commands and reads ----------------------------------------------------------
 
@@ -283,13 +327,14 @@ class Engine:
         if not isinstance(command, bytes) or len(command) > MAX_COMMAND_BYTES:
             self._send([Msg.FAILED, request_id, Failure.REJECTED])
             return
+        # codec: version byte, then the 5-array header 0x95 and the op as a fixint
+        op = command[2] if len(command) > 2 and command[1] == 0x95 else -1
+        self._submitted_ops[op] = self._submitted_ops.get(op, 0) + 1
 
         def done(result: Any, error: int) -> None:
             try:
                 if error == FAIL_REASON.SUCCESS:
-                    if self._drop_replies > 0:
-                        self._drop_replies -= 1
-                        self._dropped_replies += 1
+                    if self._hook_fires("drop_replies"):
                         return
                     self._send([Msg.RESULT, request_id, result])
                 else:
@@ -310,28 +355,40 @@ class Engine:
         self._start_barrier()
 
     def _start_barrier(self) -> None:
-        if self._barrier_in_flight or not self._pending_reads:
+        if self._barrier is not None or not self._pending_reads:
             return
-        reads, self._pending_reads = self._pending_reads, []
-        self._barrier_in_flight = True
+        barrier = self._barrier = _Barrier(self._pending_reads, time.monotonic() + BARRIER_TIMEOUT)
+        self._pending_reads = []
 
         def done(result: Any, error: int) -> None:
             try:
-                self._barrier_in_flight = False
+                if self._barrier is not barrier or self._hook_fires("drop_barriers"):
+                    return  # given up at its deadline (or a test pretends it never came)
+                self._barrier = None
                 if error == FAIL_REASON.SUCCESS:
                     # Runs right after the barrier applied here: the state includes every
                     # write committed before any of these reads began.
-                    for request_id, query in reads:
+                    for request_id, query in barrier.reads:
                         self._send([Msg.RESULT, request_id, self._answer(query)])
                 else:
-                    reason = _FAILURES.get(error, Failure.UNKNOWN)
-                    for request_id, _ in reads:
-                        self._send([Msg.FAILED, request_id, reason])
+                    self._fail_reads(barrier, _FAILURES.get(error, Failure.UNKNOWN))
                 self._start_barrier()
             except Exception:
                 log.exception("barrier callback failed")
 
         self._propose(_BARRIER, done)
+
+    def _fail_reads(self, barrier: _Barrier, reason: int) -> None:
+        for request_id, _ in barrier.reads:
+            self._send([Msg.FAILED, request_id, reason])
+
+    def _check_barrier(self, now: float) -> None:
+        barrier = self._barrier
+        if barrier is not None and now >= barrier.deadline:
+            self._barrier = None
+            self._barriers_abandoned += 1
+            self._fail_reads(barrier, Failure.UNKNOWN)
+            self._start_barrier()
 
     def _answer(self, query: bytes) -> bytes:
         """Run a query. KV records carry, in place of their TTL, this node's estimate of
@@ -428,7 +485,8 @@ class Engine:
                 self._subscribe()
                 self._send([Msg.READY, {"self_address": self._config["self_address"], "pid": os.getpid()}])
             now = time.monotonic()
-            self._push_state()
+            self._push_state(now)
+            self._check_barrier(now)
             self._keep_deadlines(now)
             self._send_keepalives(now)
             if self._out:
@@ -436,13 +494,13 @@ class Engine:
         except Exception:
             log.exception("engine tick failed")
 
-    def _push_state(self) -> None:
+    def _push_state(self, now: float) -> None:
         raft = self._raft
         leader = raft._getLeader()
         state = (_ROLES.get(raft._SyncObj__raftState, "follower"), leader.address if leader else None,
                  raft.raftCurrentTerm, raft.hasQuorum)
-        if state != self._state:
-            self._state = state
+        if state != self._state or now - self._state_sent_at >= STATE_INTERVAL:
+            self._state, self._state_sent_at = state, now
             self._send([Msg.STATE, *state])
 
     def _keep_deadlines(self, now: float) -> None:
@@ -515,8 +573,11 @@ class Engine:
             "sessions": len(self.machine.sessions.by_id),
             "engine_pid": os.getpid(),
             "peers_connected": {node.address: raft.isNodeConnected(node) for node in raft.otherNodes},
-            "dropped_replies": self._dropped_replies,
             "snapshots_restored": self._snapshots_restored,
+            "barriers_abandoned": self._barriers_abandoned,
+            "pending_reads": len(self._pending_reads) + (len(self._barrier.reads) if self._barrier else 0),
+            "submitted_ops": dict(self._submitted_ops),
+            "hooks_fired": dict(self._hooks_fired),
         }
 
 

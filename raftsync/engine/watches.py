@@ -2,8 +2,9 @@
 
 Runs on the tick thread like the rest of the engine, right after each apply, so a
 watch sees changes in commit order with no gap between its replay and live events.
-KV watches resume from a revision using the machine's history; after a snapshot
-install they replay what the snapshot skipped, or report ``compacted``.
+Both kinds resume from the machine's bounded histories (KV changes, leadership
+changes): after a snapshot install they replay what the snapshot skipped, or report
+``compacted`` — an observer never silently skips a change.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class Watches:
     def __init__(self, send: Callable[[list[Any]], None]) -> None:
         self._send = send
         self._kv: dict[int, list[Any]] = {}      # watch id -> [prefix, last revision sent or covered]
-        self._leader: dict[int, list[Any]] = {}  # watch id -> [group, last info sent]
+        self._leader: dict[int, list[Any]] = {}  # watch id -> [group, last revision covered, last info sent]
 
     def add(self, machine: StateMachine, watch_id: int, kind: str, key: str, from_revision: int | None) -> None:
         if kind == "kv":
@@ -29,7 +30,7 @@ class Watches:
             self._catch_up(machine, watch_id)
         elif kind == "leader":
             info = machine.leader_info(key)
-            self._leader[watch_id] = [key, info]
+            self._leader[watch_id] = [key, machine.index, info]
             self._notify(watch_id, "leader", info)
 
     def remove(self, watch_id: int) -> None:
@@ -64,18 +65,26 @@ class Watches:
                         watch[1] = revision
                         self._notify(watch_id, "kv", change)
             elif kind in _LEADER_EFFECTS and self._leader:
-                for watch_id, watch in self._leader.items():
+                for watch_id, watch in list(self._leader.items()):
                     if watch[0] == effect[1]:
-                        self._leader_changed(machine, watch_id, watch)
+                        self._leader_catch_up(machine, watch_id)
 
-    def _leader_changed(self, machine: StateMachine, watch_id: int, watch: list[Any]) -> None:
-        info = machine.leader_info(watch[0])
-        if info != watch[1]:
-            watch[1] = info
-            self._notify(watch_id, "leader", info)
+    def _leader_catch_up(self, machine: StateMachine, watch_id: int) -> None:
+        watch = self._leader[watch_id]
+        group = watch[0]
+        changes = machine.leader_history.since(watch[1], lambda name: name == group)
+        if changes is None:
+            self._notify(watch_id, "compacted", machine.leader_history.compacted_revision)
+            del self._leader[watch_id]
+            return
+        for _, _, info in changes:
+            if info != watch[2]:
+                watch[2] = info
+                self._notify(watch_id, "leader", info)
+        watch[1] = max(watch[1], machine.index)
 
     def on_restored(self, machine: StateMachine) -> None:
         for watch_id in list(self._kv):
             self._catch_up(machine, watch_id)
-        for watch_id, watch in self._leader.items():
-            self._leader_changed(machine, watch_id, watch)
+        for watch_id in list(self._leader):
+            self._leader_catch_up(machine, watch_id)

@@ -19,14 +19,19 @@ from typing import Any, Callable
 
 import msgpack
 
-from ..codec import (MAX_KEY_BYTES, MAX_NAME_BYTES, MAX_VALUE_BYTES, Op, Query, Status, decode_command,
-                     decode_query, encode_result)
+from ..codec import (MAX_KEY_BYTES, MAX_NAME_BYTES, MAX_VALUE_BYTES, NOT_APPLIED, Op, Query, Status,
+                     decode_command, decode_query, encode_result)
+from .history import History
 from .kv import KeyValue
 from .locks import Locks
 from .semaphores import MAX_CAPACITY, RW_CAPACITY, Semaphores
 from .sessions import MAX_TTL_MS, MIN_TTL_MS, Sessions
 
 SNAPSHOT_VERSION = 1
+# Leadership changes kept for observers that resume (after a snapshot install).
+LEADER_HISTORY_MAX_ENTRIES = 10000
+LEADER_HISTORY_MAX_BYTES = 4 * 1024 * 1024
+_LEADER_EFFECTS = ("leader_granted", "leader_released", "leader_changed")
 
 
 class _Invalid(Exception):
@@ -54,6 +59,11 @@ def _optional_version(value: Any) -> int | None:
 OK = encode_result(Status.OK)
 
 
+def _leader_entry_bytes(entry: list[Any]) -> int:
+    info = entry[2]
+    return len(entry[1]) + (len(info[0]) + len(info[1]) if info else 0)
+
+
 class StateMachine:
     def __init__(self) -> None:
         self.index = 0
@@ -61,6 +71,8 @@ class StateMachine:
         self.kv = KeyValue()
         self.locks = Locks("lock")
         self.leaders = Locks("leader")
+        # [revision, group, [candidate_id, value, term] or None] per leadership change
+        self.leader_history = History(LEADER_HISTORY_MAX_ENTRIES, LEADER_HISTORY_MAX_BYTES, _leader_entry_bytes)
         self.semaphores = Semaphores("sem")
         self.rwlocks = Semaphores("rw")
         self._session_free: dict[int, Callable[[list[Any], list], bytes]] = {
@@ -70,7 +82,6 @@ class StateMachine:
             Op.KV_EXPIRE: self._kv_expire,
         }
         self._session_bound: dict[int, Callable[[int, list[Any], list], bytes]] = {
-            Op.CLOSE_SESSION: self._close_session,
             Op.KV_PUT: self._kv_put,
             Op.KV_DELETE: self._kv_delete,
             Op.LOCK_ACQUIRE: self._lock_acquire,
@@ -104,27 +115,52 @@ class StateMachine:
                 return self._open_session(session_id, args, effects)
             free = self._session_free.get(op)
             if free is not None:
-                return free(args, effects)
+                return self._recording_leaders(free, effects, args, effects)
             bound = self._session_bound.get(op)
-            if bound is None:
+            if bound is None and op != Op.CLOSE_SESSION:
                 return encode_result(Status.BAD_COMMAND, f"unknown op {op}")
             session = self.sessions.get(session_id)
             if session is None:
-                return encode_result(Status.SESSION_EXPIRED)
+                return self._answer_ended(session_id, seq)
             session.ack(acked_below)
             if seq < session.acked_below:
                 return encode_result(Status.STALE)
             cached = session.results.get(seq)
             if cached is not None:
                 return cached
-            result = bound(session_id, args, effects)
-            if op != Op.CLOSE_SESSION:
-                session.remember(seq, result)
+            if op == Op.CLOSE_SESSION:  # its answer outlives the session, in the ended window
+                self._recording_leaders(self._end_session, effects, session_id, "closed", effects, (seq, OK))
+                return OK
+            result = self._recording_leaders(bound, effects, session_id, args, effects)
+            session.remember(seq, result)
             return result
         except _Invalid as exc:
             return encode_result(Status.BAD_COMMAND, str(exc))
         except Exception as exc:  # a bug must not stop the log: same answer on every replica
             return encode_result(Status.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _answer_ended(self, session_id: int, seq: int) -> bytes:
+        """A command of a session that is gone: its original answer if the window of ended
+        sessions still has it, "not applied" if it certainly never applied, else plain
+        SESSION_EXPIRED (the client cannot tell whether an earlier attempt applied)."""
+        ended = self.sessions.ended.get(session_id)
+        if ended is None:
+            return encode_result(Status.SESSION_EXPIRED)
+        cached = ended.results.get(seq)
+        if cached is not None:
+            return cached
+        if seq < ended.acked_below:
+            return encode_result(Status.STALE)
+        return encode_result(Status.SESSION_EXPIRED, NOT_APPLIED)
+
+    def _recording_leaders(self, handler: Callable[..., Any], effects: list, *args: Any) -> Any:
+        """Run ``handler`` and record each leadership it changed in the leader history."""
+        start = len(effects)
+        result = handler(*args)
+        groups = {effect[1]: None for effect in effects[start:] if effect[0] in _LEADER_EFFECTS}
+        for group in groups:
+            self.leader_history.append([self.index, group, self.leader_info(group)])
+        return result
 
     def _open_session(self, session_id: int, args: list[Any], effects: list) -> bytes:
         if session_id == 0 or len(args) != 1:
@@ -165,16 +201,13 @@ class StateMachine:
         self._end_session(session_id, "expired", effects)
         return OK
 
-    def _close_session(self, session_id: int, args: list[Any], effects: list) -> bytes:
-        self._end_session(session_id, "closed", effects)
-        return OK
-
-    def _end_session(self, session_id: int, reason: str, effects: list) -> None:
+    def _end_session(self, session_id: int, reason: str, effects: list,
+                     final: tuple[int, bytes] | None = None) -> None:
         self.locks.end_session(session_id, self.index, effects)
         self.leaders.end_session(session_id, self.index, effects)
         self.semaphores.end_session(session_id, self.index, effects)
         self.rwlocks.end_session(session_id, self.index, effects)
-        self.sessions.remove(session_id)
+        self.sessions.remove(session_id, final)
         effects.append(("session_ended", session_id, reason))
 
     def _barrier(self, args: list[Any], effects: list) -> bytes:
@@ -359,6 +392,7 @@ class StateMachine:
             "kv": self.kv.to_state(),
             "locks": self.locks.to_state(),
             "leaders": self.leaders.to_state(),
+            "leader_history": self.leader_history.to_state(),
             "semaphores": self.semaphores.to_state(),
             "rwlocks": self.rwlocks.to_state(),
         }, use_bin_type=True)
@@ -374,6 +408,9 @@ class StateMachine:
         machine.kv = KeyValue.from_state(state["kv"])
         machine.locks = Locks.from_state(state["locks"], "lock")
         machine.leaders = Locks.from_state(state["leaders"], "leader")
+        # A snapshot from before leader history was kept: everything up to it is unknown.
+        machine.leader_history.load_state(state.get("leader_history",
+                                                    {"entries": [], "compacted": machine.index}))
         machine.semaphores = Semaphores.from_state(state["semaphores"], "sem")
         machine.rwlocks = Semaphores.from_state(state["rwlocks"], "rw")
         return machine

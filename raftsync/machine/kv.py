@@ -16,8 +16,9 @@ revision older than what is kept raises Compacted.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
+
+from .history import History
 
 HISTORY_MAX_ENTRIES = 10000
 HISTORY_MAX_BYTES = 16 * 1024 * 1024
@@ -28,10 +29,12 @@ class KeyValue:
         # key -> [value, version, revision, ttl_ms or 0]
         self.records: dict[str, list[Any]] = {}
         # [revision, key, value or None (deleted), version]
-        self.history: deque[list[Any]] = deque()
-        self.history_bytes = 0
-        # every change at or below this revision has been trimmed from the history
-        self.compacted_revision = 0
+        self.history = History(HISTORY_MAX_ENTRIES, HISTORY_MAX_BYTES)
+
+    @property
+    def compacted_revision(self) -> int:
+        """Every change at or below this revision has been trimmed from the history."""
+        return self.history.compacted_revision
 
     def put(self, key: str, value: bytes, if_version: int | None, ttl_ms: int,
             index: int) -> tuple[bool, list[Any]]:
@@ -65,17 +68,10 @@ class KeyValue:
 
     def _remember(self, revision: int, key: str, value: bytes | None, version: int) -> None:
         self.history.append([revision, key, value, version])
-        self.history_bytes += len(key) + (len(value) if value else 0)
-        while len(self.history) > HISTORY_MAX_ENTRIES or self.history_bytes > HISTORY_MAX_BYTES:
-            old = self.history.popleft()
-            self.history_bytes -= len(old[1]) + (len(old[2]) if old[2] else 0)
-            self.compacted_revision = old[0]
 
     def changes_since(self, revision: int, prefix: str) -> list[list[Any]] | None:
         """Changes after ``revision`` under ``prefix``, or None if some were trimmed."""
-        if revision < self.compacted_revision:
-            return None
-        return [entry for entry in self.history if entry[0] > revision and entry[1].startswith(prefix)]
+        return self.history.since(revision, lambda key: key.startswith(prefix))
 
     def get(self, key: str) -> list[Any] | None:
         record = self.records.get(key)
@@ -87,15 +83,14 @@ class KeyValue:
         return [[key, r[0], r[1], r[2], r[3]] for key, r in sorted(self.records.items()) if key.startswith(prefix)]
 
     def to_state(self) -> dict[str, Any]:
+        history = self.history.to_state()
         return {"records": [[key, *r] for key, r in sorted(self.records.items())],
-                "history": list(self.history), "compacted": self.compacted_revision}
+                "history": history["entries"], "compacted": history["compacted"]}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "KeyValue":
         kv = cls()
         for key, value, version, revision, ttl_ms in state["records"]:
             kv.records[key] = [value, version, revision, ttl_ms]
-        kv.history = deque(state["history"])
-        kv.history_bytes = sum(len(e[1]) + (len(e[2]) if e[2] else 0) for e in kv.history)
-        kv.compacted_revision = state["compacted"]
+        kv.history.load_state({"entries": state["history"], "compacted": state["compacted"]})
         return kv

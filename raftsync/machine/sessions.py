@@ -7,12 +7,15 @@ from its own monotonic clock. An expiry names the keepalive it expects
 is stale and ignored, so a racing keepalive always wins.
 
 Each session also keeps the results of its commands with ``seq >= acked_below`` so a
-retried command returns its original result instead of applying twice.
+retried command returns its original result instead of applying twice. When a session
+ends, those results stay in a bounded window of recently ended sessions: a command
+that applied, lost its reply, and is retried after its session ended still gets its
+original answer, and one that never applied is told so for certain.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 # Closed session ids are remembered (bounded) so a delayed duplicate OPEN cannot
@@ -20,6 +23,10 @@ from typing import Any
 TOMBSTONE_CAPACITY = 65536
 # A client that never advances acked_below cannot grow a session without bound.
 MAX_RESULTS_PER_SESSION = 4096
+# Ended sessions whose results are kept for late retries: at most this many sessions and
+# this many results in all (the oldest ended session goes first).
+ENDED_SESSIONS_CAPACITY = 4096
+ENDED_RESULTS_CAPACITY = 16384
 MIN_TTL_MS = 100
 MAX_TTL_MS = 24 * 3600 * 1000
 
@@ -60,11 +67,26 @@ class SessionRecord:
         return record
 
 
+class EndedSession:
+    """What is kept of an ended session: its un-acked results and where acks stood."""
+
+    __slots__ = ("acked_below", "results")
+
+    def __init__(self, acked_below: int, results: dict[int, bytes]) -> None:
+        self.acked_below = acked_below
+        self.results = results
+
+    def to_state(self) -> list[Any]:
+        return [self.acked_below, sorted(self.results.items())]
+
+
 class Sessions:
     def __init__(self) -> None:
         self.by_id: dict[int, SessionRecord] = {}
         self.tombstones: deque[int] = deque()
         self._tombstone_set: set[int] = set()
+        self.ended: OrderedDict[int, EndedSession] = OrderedDict()
+        self._ended_results = 0
 
     def get(self, session_id: int) -> SessionRecord | None:
         return self.by_id.get(session_id)
@@ -86,17 +108,29 @@ class Sessions:
         record.keepalive_index = index
         return True
 
-    def remove(self, session_id: int) -> None:
-        if self.by_id.pop(session_id, None) is None:
+    def remove(self, session_id: int, final: tuple[int, bytes] | None = None) -> None:
+        """End a session; ``final`` = (seq, result) of the command that ended it (a close)."""
+        record = self.by_id.pop(session_id, None)
+        if record is None:
             return
         self.tombstones.append(session_id)
         self._tombstone_set.add(session_id)
         if len(self.tombstones) > TOMBSTONE_CAPACITY:
             self._tombstone_set.discard(self.tombstones.popleft())
+        results = dict(record.results)
+        if final is not None and final[0] >= record.acked_below:
+            results[final[0]] = final[1]
+        self.ended[session_id] = EndedSession(record.acked_below, results)
+        self._ended_results += len(results)
+        while self.ended and (len(self.ended) > ENDED_SESSIONS_CAPACITY
+                              or self._ended_results > ENDED_RESULTS_CAPACITY):
+            _, oldest = self.ended.popitem(last=False)
+            self._ended_results -= len(oldest.results)
 
     def to_state(self) -> dict[str, Any]:
         return {"live": [r.to_state() for _, r in sorted(self.by_id.items())],
-                "tombstones": list(self.tombstones)}
+                "tombstones": list(self.tombstones),
+                "ended": [[sid, *ended.to_state()] for sid, ended in self.ended.items()]}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Sessions":
@@ -106,4 +140,7 @@ class Sessions:
             sessions.by_id[record.session_id] = record
         sessions.tombstones = deque(state["tombstones"])
         sessions._tombstone_set = set(sessions.tombstones)
+        for session_id, acked_below, results in state.get("ended", []):
+            sessions.ended[session_id] = EndedSession(acked_below, {seq: result for seq, result in results})
+            sessions._ended_results += len(results)
         return sessions

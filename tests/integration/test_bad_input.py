@@ -6,6 +6,7 @@ from cluster.launcher import free_ports
 from raftsync import Node
 from raftsync.codec import Op
 from raftsync.errors import BadRequest, Closed, ConfigError, NotHeld, TooLarge
+from raftsync.replica import deadline_after
 
 
 @pytest.fixture
@@ -43,11 +44,11 @@ def test_wrong_types_and_sizes_raise_typed_errors_and_the_node_keeps_serving(nod
             call()
     # Garbage submitted straight through the replica is answered, not applied.
     replica = node._replica
-    session = replica.sessions.default(1)
+    session = replica.sessions.default(deadline_after(1))
     for op, args in [(99, []), (Op.KV_PUT, [1, 2]), (Op.LOCK_ACQUIRE, ["x"]), (Op.EXPIRE_SESSION, ["a", "b"])]:
-        status, _ = replica.submit(session, op, args, 5)
+        status, _ = replica.submit(session, op, args, deadline_after(5))
         assert status != 0
-    status, _ = replica.submit_engine_command(b"\x01not msgpack", 5, "garbage")
+    status, _ = replica.submit_engine_command(b"\x01not msgpack", deadline_after(5), "garbage")
     assert status != 0
     assert kv.read("keep").value == b"1"
     assert kv.write("after", b"ok").version == 1

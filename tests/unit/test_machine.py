@@ -9,8 +9,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from raftsync.codec import (CODEC_VERSION, Op, Query, Status, decode_result, encode_command, encode_query,
-                            encode_result)
+from raftsync.codec import (CODEC_VERSION, NOT_APPLIED, Op, Query, Status, decode_result, encode_command,
+                            encode_query, encode_result)
 from raftsync.machine import StateMachine
 from raftsync.machine.sessions import MAX_RESULTS_PER_SESSION, MAX_TTL_MS, MIN_TTL_MS
 
@@ -19,6 +19,7 @@ pytestmark = pytest.mark.timeout(120)
 OK = encode_result(Status.OK)
 STALE = encode_result(Status.STALE)
 SESSION_EXPIRED = encode_result(Status.SESSION_EXPIRED)
+NEVER_APPLIED = encode_result(Status.SESSION_EXPIRED, NOT_APPLIED)
 NOT_HELD = encode_result(Status.NOT_HELD)
 
 
@@ -110,7 +111,7 @@ def test_closed_session_is_not_resurrected_by_a_duplicate_open():
     assert c.do(Op.CLOSE_SESSION) == (OK, [("session_ended", 7, "closed")])
     assert run(m, encode_command(Op.OPEN_SESSION, 7, 0, 0, [1000])) == (SESSION_EXPIRED, [])
     assert q(m, Query.SESSION_INFO, 7)[0] == Status.NOT_FOUND
-    assert c.do(Op.KV_PUT, "k", b"v", None) == (SESSION_EXPIRED, [])
+    assert c.do(Op.KV_PUT, "k", b"v", None) == (NEVER_APPLIED, [])
     # ... nor after a snapshot install.
     restored = StateMachine.restore(m.snapshot())
     assert run(restored, encode_command(Op.OPEN_SESSION, 7, 0, 0, [1000])) == (SESSION_EXPIRED, [])
@@ -123,13 +124,13 @@ def test_expired_session_is_not_resurrected_by_a_duplicate_open():
     assert run(m, encode_command(Op.OPEN_SESSION, 8, 0, 0, [1000])) == (SESSION_EXPIRED, [])
 
 
-def test_close_retry_answers_session_expired_and_changes_nothing():
+def test_close_retry_answers_its_original_ok_and_changes_nothing():
     m = StateMachine()
     c = Client(m, 7)
     close = c.command(Op.CLOSE_SESSION)
     assert run(m, close)[0] == OK
     before = state(m)
-    assert run(m, close) == (SESSION_EXPIRED, [])
+    assert run(m, close) == (OK, [])
     assert state(m) == before
 
 
@@ -510,3 +511,53 @@ def test_bad_queries_are_answered_not_raised(raw):
     m = StateMachine()
     status, _ = decode_result(m.query(raw))
     assert status == Status.BAD_COMMAND
+
+
+def test_retry_after_the_session_ended_gets_the_original_answer():
+    m = StateMachine()
+    c = Client(m, 7)
+    write = c.command(Op.KV_PUT, "k", b"v", None, acked_below=1)
+    first, _ = run(m, write)
+    assert decode_result(first)[0] == Status.OK
+    # The reply was lost; the session ends (close by another thread of the client).
+    assert c.do(Op.CLOSE_SESSION, acked_below=1)[0] == OK
+    assert run(m, write) == (first, [])  # the retry: original answer, applied once
+    assert m.kv.get("k")[2] == 1
+    # A retried close gets its own OK; a command that never applied is told so.
+    close_again = encode_command(Op.CLOSE_SESSION, 7, 2, 1, [])
+    assert run(m, close_again) == (OK, [])
+    assert run(m, encode_command(Op.KV_PUT, 7, 9, 1, ["k", b"w", None])) == (NEVER_APPLIED, [])
+    # The window survives a snapshot.
+    restored = StateMachine.restore(m.snapshot())
+    assert run(restored, write) == (first, [])
+
+
+def test_ended_session_window_is_bounded_and_then_answers_unknown(monkeypatch):
+    from raftsync.machine import sessions as sessions_module
+    monkeypatch.setattr(sessions_module, "ENDED_SESSIONS_CAPACITY", 2)
+    m = StateMachine()
+    writes = {}
+    for sid in (11, 12, 13):
+        c = Client(m, sid)
+        writes[sid] = c.command(Op.KV_PUT, f"k{sid}", b"v", None, acked_below=1)
+        run(m, writes[sid])
+        c.do(Op.CLOSE_SESSION, acked_below=1)
+    assert list(m.sessions.ended) == [12, 13]
+    # 11 fell out of the window: a bare SESSION_EXPIRED, which a retrying client reads
+    # as "outcome unknown", never as "not applied".
+    assert run(m, writes[11]) == (SESSION_EXPIRED, [])
+    assert decode_result(run(m, writes[13])[0])[0] == Status.OK
+
+
+def test_leader_history_records_every_change_and_survives_snapshots():
+    m = StateMachine()
+    a, b = Client(m, 7), Client(m, 8)
+    a.do(Op.LEADER_CAMPAIGN, "g", 1, "a", b"1", True)
+    first = m.index
+    b.do(Op.LEADER_CAMPAIGN, "g", 2, "b", b"2", True)  # queued: no change
+    a.do(Op.LEADER_PROCLAIM, "g", 1, first, b"1b")
+    a.do(Op.CLOSE_SESSION)  # hands the group to b in the same entry
+    entries = m.leader_history.since(0, lambda group: group == "g")
+    assert [e[2] for e in entries] == [["a", b"1", first], ["a", b"1b", first], ["b", b"2", m.index]]
+    restored = StateMachine.restore(m.snapshot())
+    assert restored.leader_history.since(first, lambda group: True) == entries[1:]

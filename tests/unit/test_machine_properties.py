@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from raftsync.codec import (CODEC_VERSION, Op, Query, Status, decode_result, encode_command, encode_query,
+from raftsync.codec import (CODEC_VERSION, NOT_APPLIED, Op, Query, Status, decode_result, encode_command, encode_query,
                             encode_result)
 from raftsync.machine import StateMachine
 
@@ -38,6 +38,9 @@ OP_NUMBERS = {int(op) for op in Op}
 OK = encode_result(Status.OK)
 STALE = encode_result(Status.STALE)
 SESSION_EXPIRED = encode_result(Status.SESSION_EXPIRED)
+# A command of a session that ended (and is still in the window of ended sessions) and
+# that never applied.
+NEVER_APPLIED = encode_result(Status.SESSION_EXPIRED, NOT_APPLIED)
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -358,8 +361,8 @@ def test_same_commands_give_same_results_effects_and_snapshot(steps):
 @given(steps=STEPS)
 def test_random_sequences_never_hit_internal_errors_and_retries_are_consistent(steps):
     """No command, however wrong, makes the machine report INTERNAL (a bug); a resent
-    command gets its original answer (or STALE once acked, or SESSION_EXPIRED once its
-    session ended) and a repeated answer changes nothing."""
+    command gets its original answer (also after its session ended, a close included), or
+    STALE once acked, and a repeated answer changes nothing."""
     machine = StateMachine()
     driver = Driver(machine)
     first_result: dict[bytes, bytes] = {}
@@ -376,10 +379,10 @@ def test_random_sequences_never_hit_internal_errors_and_retries_are_consistent(s
             original = first_result[command]
             if status_of(original) in (Status.SESSION_EXPIRED, Status.BAD_COMMAND):
                 continue  # never applied: nothing to deduplicate
-            if decode_result(original)[0] == Status.OK and decode_command_op(command) == Op.CLOSE_SESSION:
-                assert result == SESSION_EXPIRED
-            else:
-                assert result in (original, STALE, SESSION_EXPIRED), (step, original, result)
+            # An applied command keeps its answer after its session ended (the ended
+            # window), until acked (STALE) or evicted (a bare SESSION_EXPIRED: unknown);
+            # never "not applied".
+            assert result in (original, STALE, SESSION_EXPIRED), (step, original, result)
             assert fx == []
             assert user_state(machine) == before
         elif step[0] != "retry":
@@ -715,7 +718,7 @@ class LockModel:
             return OK, fx
         sid = step[1]
         if sid not in self.live:
-            return SESSION_EXPIRED, fx
+            return (NEVER_APPLIED if sid in self.ended else SESSION_EXPIRED), fx
         if kind == "close":
             self._end(sid, "closed", index, fx)
             return OK, fx
@@ -999,7 +1002,7 @@ def test_ended_session_ids_are_never_resurrected(steps):
                 assert result == OK and fx == [("session_ended", sid, "closed")]
                 ended.add(sid)
             else:
-                assert (result, fx) == (SESSION_EXPIRED, [])
+                assert (result, fx) == (NEVER_APPLIED if sid in ended else SESSION_EXPIRED, [])
         elif kind == "keepalive":
             result, fx = apply(machine, encode_command(Op.KEEPALIVE, 0, 0, 0, [[sid]]))
             live = sid in opened and sid not in ended
@@ -1019,5 +1022,5 @@ def test_ended_session_ids_are_never_resurrected(steps):
         put = encode_command(Op.KV_PUT, sid, 10_000 + seq, 0, ["k", b"v", None])
         probe = StateMachine.restore(machine.snapshot())  # tombstones survive snapshots too
         if sid in ended:
-            assert apply(probe, put)[0] == SESSION_EXPIRED
+            assert apply(probe, put)[0] == NEVER_APPLIED
             assert apply(probe, encode_command(Op.OPEN_SESSION, sid, 0, 0, [1000]))[0] == SESSION_EXPIRED
