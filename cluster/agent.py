@@ -103,8 +103,9 @@ class Agent:
         lease.on_lost(lambda lost: self.record("lost", handle, lost.token))
         return lease.token
 
-    def op_lock_release(self, handle: str) -> bool:
-        self._lock(handle).release()
+    def op_lock_release(self, handle: str, timeout: float | None = None) -> bool:
+        self.record("release_called", handle)
+        self._lock(handle).release(timeout=timeout)
         self.record("released", handle)
         return True
 
@@ -112,7 +113,7 @@ class Agent:
         lock = self._lock(handle)
         lease = lock._lease
         return {"held": lock.held, "token": lease.token if lease else 0,
-                "lost": bool(lease and lease.lost.is_set())}
+                "lost": bool(lease and lease.lost.is_set()), "valid": bool(lease and lease.valid)}
 
     def op_lock_contend(self, name: str, iterations: int, hold: float = 0.0, kind: str = "lock",
                         permits: int = 1) -> list[list[float]]:
@@ -184,6 +185,28 @@ class Agent:
         threading.Thread(target=run, daemon=True).start()
         return True
 
+    def op_write_flood(self, name: str, threads: int = 4, size: int = 32 * 1024, seconds: float = 5.0,
+                       timeout: float = 2.0, max_writes: int = 2000) -> bool:
+        """Start ``threads`` writers of ``size``-byte values for ``seconds`` (each call with
+        ``timeout``); each records ("flood_done", name, [thread, calls, slowest call s,
+        {error name: count}]) when it stops."""
+        def run(index: int) -> None:
+            data, value = self.node.data(), b"x" * size
+            calls, slowest, errors = 0, 0.0, {}
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and calls < max_writes:
+                started = time.monotonic()
+                try:
+                    data.write(f"flood/{name}/{index}", value, timeout=timeout)
+                except RaftsyncError as exc:
+                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                slowest = max(slowest, time.monotonic() - started)
+                calls += 1
+            self.record("flood_done", name, [index, calls, slowest, errors])
+        for index in range(threads):
+            threading.Thread(target=run, args=(index,), daemon=True).start()
+        return True
+
     def op_drop_replies(self, count: int) -> bool:
         self.node._replica.test_drop_replies(count)
         return True
@@ -207,9 +230,9 @@ class Agent:
 
     def op_sessions(self) -> list[list[Any]]:
         """This node's live sessions: [id, ttl, safe_until, lost] (monotonic clock)."""
-        replica = self.node._replica
-        with replica._sessions_lock:
-            return [[s.id, s.ttl, s.safe_until, s.lost.is_set()] for s in replica._sessions.values()]
+        keeper = self.node._replica.sessions
+        with keeper._lock:
+            return [[s.id, s.ttl, s.safe_until, s.lost.is_set()] for s in keeper._sessions.values()]
 
     def op_monotonic(self) -> float:
         return time.monotonic()
