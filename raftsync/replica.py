@@ -36,6 +36,9 @@ PING_INTERVAL = 0.1
 # The engine sends a STATE frame at least every 0.25 s; silence this long means it is
 # stopped or starved, and calls treat the cluster as unavailable (NoQuorum, not a hang).
 ENGINE_SILENCE_LIMIT = 1.0
+# A gap this long between two turns of the 0.1 s ping loop means this process itself
+# was stopped or starved: silence it could not have heard is not held against the engine.
+APP_STALL_LIMIT = 0.5
 INFINITY = float("inf")
 
 
@@ -64,6 +67,8 @@ class Replica:
         self.has_quorum = False
         self._unavailable_since: float | None = time.monotonic()
         self._last_engine_frame = time.monotonic()
+        self._ping_turn = time.monotonic()  # the ping loop's last turn
+        self._awake_since = time.monotonic()  # the end of this process's last stall
         self._listeners: dict[str, list[Callable[[list[Any]], None]]] = {}
         self._watches: dict[int, Callable[[str, Any], None]] = {}
         self._attachments: dict[str, Any] = {}
@@ -229,6 +234,10 @@ class Replica:
     def _ping_loop(self) -> None:
         # Tells the engine this process is alive; without it keepalives stop.
         while not self._closed.wait(PING_INTERVAL):
+            now = time.monotonic()
+            if now - self._ping_turn > APP_STALL_LIMIT:
+                self._awake_since = now
+            self._ping_turn = now
             if self._channel.backlog_bytes:
                 continue  # the engine is not reading: frames are already waiting for it
             try:
@@ -276,18 +285,25 @@ class Replica:
             with self._requests_lock:
                 self._requests.pop(request_id, None)
 
+    def _engine_silent_since(self, now: float) -> float | None:
+        """When the engine, silent (stopped, starved), started to count as unavailable:
+        ENGINE_SILENCE_LIMIT after its last frame or after this process last woke from a
+        stall of its own, whichever is later; None if it is not silent."""
+        if now - self._ping_turn > APP_STALL_LIMIT:
+            return None  # this process has not been running: it cannot judge
+        since = max(self._last_engine_frame, self._awake_since) + ENGINE_SILENCE_LIMIT
+        return since if now >= since else None
+
     def _available(self, now: float) -> bool:
-        return (self.leader is not None and self.has_quorum
-                and now - self._last_engine_frame < ENGINE_SILENCE_LIMIT)
+        return self.leader is not None and self.has_quorum and self._engine_silent_since(now) is None
 
     def unavailable_for(self) -> float:
-        """Seconds since the engine last knew a leader with a quorum (0 if it knows one).
-        An engine that has sent nothing for ENGINE_SILENCE_LIMIT (stopped, starved) counts
-        as unavailable from its last frame on."""
+        """Seconds since the engine last knew a leader with a quorum (0 if it knows one);
+        a silent engine counts as unavailable (see _engine_silent_since)."""
         now = time.monotonic()
-        silent_since = self._last_engine_frame + ENGINE_SILENCE_LIMIT
         since = self._unavailable_since
-        if now >= silent_since:
+        silent_since = self._engine_silent_since(now)
+        if silent_since is not None:
             since = silent_since if since is None else min(since, silent_since)
         return 0.0 if since is None else max(0.0, now - since)
 

@@ -300,6 +300,7 @@ class Engine:
     _TEST_HOOKS = {
         "drop_replies": "drop the result of an app's command (it applied; the app never hears)",
         "drop_barriers": "never run a read barrier's callback (as PySyncObj may not)",
+        "drop_submits": "discard an app's command before proposing it (as a lost forward would)",
     }
 
     def _arm_hook(self, name: Any, args: Any) -> None:
@@ -330,6 +331,8 @@ class Engine:
         # codec: version byte, then the 5-array header 0x95 and the op as a fixint
         op = command[2] if len(command) > 2 and command[1] == 0x95 else -1
         self._submitted_ops[op] = self._submitted_ops.get(op, 0) + 1
+        if self._hook_fires("drop_submits"):
+            return
 
         def done(result: Any, error: int) -> None:
             try:

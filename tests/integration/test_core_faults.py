@@ -96,7 +96,9 @@ def _resume(node):
     node.signal_group(signal.SIGCONT)
 
 
-def test_release_during_quorum_loss_finishes_once_the_quorum_is_back(cluster):
+def test_release_during_quorum_loss_finishes_once_the_quorum_is_back(make_cluster):
+    # A long TTL, so the pause (longer than quorum_timeout) ends no session.
+    cluster = make_cluster(3, session_ttl=10.0, quorum_timeout=1.5)
     holder = cluster.nodes[0]
     waiter_node, third = cluster.nodes[1], cluster.nodes[2]
     holder.call("lock_acquire", handle="h", name="release-under-loss")
@@ -108,12 +110,17 @@ def test_release_during_quorum_loss_finishes_once_the_quorum_is_back(cluster):
     _pause(waiter_node)
     _pause(third)
     try:
+        # The first attempt is lost on its way (as a forwarded command can be): only a
+        # release that keeps being proposed can still apply.
+        holder.call("test_hook", name="drop_submits", count=1)
         started = time.monotonic()
         with pytest.raises(OutcomeUnknown):
             holder.call("lock_release", handle="h", timeout=1.0)
         assert time.monotonic() - started < 1.0 + 1.0, "release overran its deadline"
         # Releasing that same lease again is a no-op, not NotHeld.
         holder.call("lock_release", handle="h", timeout=0.2)
+        # Outlast the quorum timeout: a release that gave up by now would never apply.
+        time.sleep(2.0)  # the length of the outage is what is under test
     finally:
         resumed_at = time.monotonic()
         _resume(waiter_node)
