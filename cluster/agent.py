@@ -187,6 +187,10 @@ class Agent:
         self.node._replica.test_drop_replies(count)
         return True
 
+    def op_test_hook(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        """Set a fault hook in this node's engine (see raftsync/engine/faults.py)."""
+        return self.node._replica.test_hook(name, args)
+
     def op_events(self) -> list[list[Any]]:
         with self._events_lock:
             return list(self.events)

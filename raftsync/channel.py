@@ -8,7 +8,7 @@ Unix/TCP socket for client mode.
 App -> engine:  HELLO config | SUBMIT req command | READ req query linearizable |
                 OWN session_id ttl_ms | DISOWN session_id | PING | STATUS req |
                 TEST_DROP_REPLY count | WATCH watch_id kind key from_revision |
-                UNWATCH watch_id | CLOSE
+                UNWATCH watch_id | TEST_HOOK req name args | CLOSE
 Engine -> app:  READY info | FATAL message | RESULT req bytes | FAILED req reason |
                 NOTIFY effect | STATE role leader term has_quorum
 """
@@ -42,6 +42,7 @@ class Msg(IntEnum):
     TEST_DROP_REPLY = 9
     WATCH = 10
     UNWATCH = 11
+    TEST_HOOK = 12
     READY = 20
     FATAL = 21
     RESULT = 22

@@ -365,3 +365,14 @@ class Replica:
     def test_drop_replies(self, count: int) -> None:
         """Test hook: the engine drops the next ``count`` command results."""
         self._channel.send([Msg.TEST_DROP_REPLY, count])
+
+    def test_hook(self, name: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
+        """Set a test hook in the engine (refused unless the config has test_hooks);
+        returns once the engine applied it, with what the hook reports."""
+        self.check_open()
+        reply = self._request([Msg.TEST_HOOK, 0, name, args or {}], time.monotonic() + timeout)
+        if reply is None:
+            raise Timeout(f"test hook {name!r} got no answer")
+        if reply[0] != Msg.RESULT:
+            raise BadRequest(f"test hook {name!r} refused by the engine")
+        return reply[2]

@@ -38,6 +38,7 @@ from ..codec import (MAX_COMMAND_BYTES, Op, Query, Status, decode_query, decode_
                      encode_result)
 from ..machine import StateMachine
 from .deadlines import Deadlines
+from .replication import ReplicationFixes
 from .watches import Watches
 
 log = logging.getLogger("raftsync.engine")
@@ -120,7 +121,7 @@ def build_conf(config: dict[str, Any], in_process: bool) -> SyncObjConf:
     )
 
 
-class _RaftNode(SyncObj):
+class _RaftNode(ReplicationFixes, SyncObj):
     pass
 
 
@@ -269,10 +270,29 @@ class Engine:
         elif kind == Msg.TEST_DROP_REPLY:
             if self._config.get("test_hooks"):
                 self._drop_replies += int(message[1])
+        elif kind == Msg.TEST_HOOK:
+            self._send(self._test_hook(message[1], message[2], message[3]))
         elif kind == Msg.CLOSE:
             self.stop()
         else:
             log.warning("unknown channel message kind %r", kind)
+
+    def _test_hook(self, request_id: int, name: str, args: dict[str, Any]) -> list[Any]:
+        """A test's fault hook (refused unless the config has test_hooks): ``drop_replies``
+        here, the rest act on received Raft messages (see engine/faults.py)."""
+        if not self._config.get("test_hooks"):
+            log.warning("refused test hook %r: test_hooks is off", name)
+            return [Msg.FAILED, request_id, Failure.REJECTED]
+        try:
+            if name == "drop_replies":
+                self._drop_replies += int(args["count"])
+                return [Msg.RESULT, request_id, {"dropped_replies": self._dropped_replies}]
+            # The transport SyncObj made for us (pysyncobj 0.3.17 keeps it name-mangled).
+            transport = self._raft._SyncObj__transport
+            return [Msg.RESULT, request_id, transport.faults.configure(name, args)]
+        except Exception:
+            log.exception("test hook %r failed", name)
+            return [Msg.FAILED, request_id, Failure.REJECTED]
 
     # -- commands and reads ----------------------------------------------------------
 
