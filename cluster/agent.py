@@ -211,10 +211,10 @@ class Agent:
         self.node._replica.test_drop_replies(count)
         return True
 
-    def op_test_hook(self, name: str, **args: Any) -> bool:
-        """Arm an engine test hook (the node must run with test_hooks=True)."""
-        self.node._replica.test_hook(name, **args)
-        return True
+    def op_test_hook(self, name: str, args: dict[str, Any] | None = None, **more: Any) -> Any:
+        """Arm a test hook in this node's engine (engine/core.py _TEST_HOOKS, or the Raft
+        message hooks of engine/faults.py); the node must run with test_hooks=True."""
+        return self.node._replica.test_hook(name, {**(args or {}), **more})
 
     def op_events(self) -> list[list[Any]]:
         with self._events_lock:

@@ -8,7 +8,7 @@ Unix/TCP socket for client mode.
 App -> engine:  HELLO config | SUBMIT req command | READ req query linearizable |
                 OWN session_id ttl_ms | DISOWN session_id | PING | STATUS req |
                 WATCH watch_id kind key from_revision | UNWATCH watch_id |
-                TEST_HOOK name args (only with test_hooks) | CLOSE
+                TEST_HOOK req name args (refused unless test_hooks) | CLOSE
 Engine -> app:  READY info | FATAL message | RESULT req bytes | FAILED req reason |
                 NOTIFY effect | STATE role leader term has_quorum
 """

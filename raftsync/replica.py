@@ -531,25 +531,17 @@ class Replica:
         self.check_open()
         self._channel.send(message)
 
-    def test_hook(self, name: str, **args: Any) -> None:
-        """Test hook (only with ``test_hooks=True``): e.g. ``drop_replies(count)``,
-        ``drop_barriers(count)``; see the engine's ``_TEST_HOOKS``."""
-        self._control([Msg.TEST_HOOK, name, args])
-
     def test_drop_replies(self, count: int) -> None:
         """Test hook: the engine drops the next ``count`` command results."""
-        self.test_hook("drop_replies", count=count)
+        self.test_hook("drop_replies", {"count": count})
 
-
-def _ignore_answer(status: int | None, payload: Any) -> None:
-    pass
-
-
-def deadline_after(timeout: float | None) -> float:
-    """The monotonic deadline of a public call's ``timeout`` (None: no deadline); one per
-    call, carried down to every wait it makes. Raises BadRequest for a bad timeout."""
-    if timeout is None:
-        return INFINITY
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-        raise BadRequest("timeout must be None or a number >= 0")
-    return time.monotonic() + timeout
+    def test_hook(self, name: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
+        """Set a test hook in the engine (refused unless the config has test_hooks);
+        returns once the engine applied it, with what the hook reports."""
+        self.check_open()
+        reply = self._request([Msg.TEST_HOOK, 0, name, args or {}], time.monotonic() + timeout)
+        if reply is None:
+            raise Timeout(f"test hook {name!r} got no answer")
+        if reply[0] != Msg.RESULT:
+            raise BadRequest(f"test hook {name!r} refused by the engine")
+        return reply[2]

@@ -41,6 +41,7 @@ from ..codec import (MAX_COMMAND_BYTES, Op, Query, Status, decode_query, decode_
                      encode_result)
 from ..machine import StateMachine
 from .deadlines import Deadlines
+from .replication import ReplicationFixes
 from .watches import Watches
 
 log = logging.getLogger("raftsync.engine")
@@ -136,7 +137,7 @@ def build_conf(config: dict[str, Any], in_process: bool) -> SyncObjConf:
     )
 
 
-class _RaftNode(SyncObj):
+class _RaftNode(ReplicationFixes, SyncObj):
     pass
 
 
@@ -288,7 +289,7 @@ class Engine:
         elif kind == Msg.UNWATCH:
             self._watches.remove(message[1])
         elif kind == Msg.TEST_HOOK:
-            self._arm_hook(message[1], message[2])
+            self._send(self._test_hook(message[1], message[2], message[3]))
         elif kind == Msg.CLOSE:
             self.stop()
         else:
@@ -296,21 +297,29 @@ class Engine:
 
     # -- test hooks ------------------------------------------------------------------
 
-    # name -> what it does, each for the next ``count`` occasions
+    # name -> what it does, each for the next ``count`` occasions; other names are the
+    # transport's hooks on received Raft messages (engine/faults.py)
     _TEST_HOOKS = {
         "drop_replies": "drop the result of an app's command (it applied; the app never hears)",
         "drop_barriers": "never run a read barrier's callback (as PySyncObj may not)",
         "drop_submits": "discard an app's command before proposing it (as a lost forward would)",
     }
 
-    def _arm_hook(self, name: Any, args: Any) -> None:
+    def _test_hook(self, request_id: int, name: str, args: dict[str, Any]) -> list[Any]:
+        """A test's fault hook (refused unless the config has test_hooks)."""
         if not self._config.get("test_hooks"):
-            log.warning("test hook %r refused: test_hooks is off", name)
-            return
-        if name not in self._TEST_HOOKS or not isinstance(args, dict):
-            log.warning("unknown test hook %r", name)
-            return
-        self._hooks[name] = self._hooks.get(name, 0) + int(args.get("count", 1))
+            log.warning("refused test hook %r: test_hooks is off", name)
+            return [Msg.FAILED, request_id, Failure.REJECTED]
+        try:
+            if name in self._TEST_HOOKS:
+                self._hooks[name] = self._hooks.get(name, 0) + int(args.get("count", 1))
+                return [Msg.RESULT, request_id, {"armed": self._hooks[name]}]
+            # The transport SyncObj made for us (pysyncobj 0.3.17 keeps it name-mangled).
+            transport = self._raft._SyncObj__transport
+            return [Msg.RESULT, request_id, transport.faults.configure(name, args)]
+        except Exception:
+            log.exception("test hook %r failed", name)
+            return [Msg.FAILED, request_id, Failure.REJECTED]
 
     def _hook_fires(self, name: str) -> bool:
         if not self._hooks.get(name):

@@ -46,6 +46,8 @@ from pysyncobj.tcp_server import TcpServer
 from pysyncobj.transport import TCPTransport
 from pysyncobj.dns_resolver import globalDnsResolver
 
+from .faults import InboundFaults
+
 log = logging.getLogger("raftsync.engine.transport")
 
 # What PySyncObj really sends (with raftsync's settings): append_entries batches of
@@ -275,7 +277,18 @@ class RaftTransport(TCPTransport):
         # Incoming connections waiting to identify -> when accepted, oldest first.
         # Set before super().__init__, which already creates the server and connections.
         self._unknownSince: dict[TcpConnection, float] = {}
+        # Test-only fault injection on received Raft messages; inert until the engine
+        # (only with test_hooks in its config) sets a hook.
+        self.faults = InboundFaults(super()._onMessageReceived)
         super().__init__(syncObj, selfNode, otherNodes)
+
+    # Why: every Raft message from an identified peer passes here (upstream binds it
+    # per connection); the handshake does not, so a test's faults leave connections up.
+    def _onMessageReceived(self, node, message):
+        if self.faults.active:
+            self.faults.receive(node, message)
+        else:
+            super()._onMessageReceived(node, message)
 
     # Why: SyncObj registers the syncobj_admin commands (status, add, remove,
     # set_version, transfer) here, and upstream then serves them to any connection that
@@ -374,6 +387,10 @@ class RaftTransport(TCPTransport):
                 self._closeUnknown(conn)
         except Exception:
             _warn.warning("expiring unidentified Raft connections raised", exc_info=True)
+        try:
+            self.faults.tick()  # delivers held messages that are due (tests only)
+        except Exception:
+            _warn.warning("delivering held Raft messages raised", exc_info=True)
 
     def _forgetIdentified(self) -> None:
         """Forget tracked connections upstream no longer counts as unknown (identified,

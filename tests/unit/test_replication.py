@@ -1,0 +1,226 @@
+"""Raft replication rules of the engine's SyncObj, driven with crafted messages.
+
+Each SyncObj here runs without ticks or sockets: a recording transport captures what
+it sends, and tests hand messages to its message handler directly (the one the real
+transport calls), so every interleaving is exact.
+"""
+
+import pytest
+from pysyncobj import SyncObj, SyncObjConf
+from pysyncobj.transport import Transport
+
+from raftsync.engine.core import _RaftNode
+
+LEADER, FOLLOWER, THIRD = "127.0.0.1:10001", "127.0.0.1:10002", "127.0.0.1:10003"
+NOOP = b"\x01"  # PySyncObj's NO_OP command type: applying it does nothing
+
+
+class _RecordingTransport(Transport):
+    def __init__(self, syncObj, selfNode, otherNodes):
+        super().__init__(syncObj, selfNode, otherNodes)
+        self.nodes = {node.address: node for node in otherNodes}
+        self.sent = []
+
+    def send(self, node, message):
+        self.sent.append((node.address, message))
+        return True
+
+    def take(self):
+        sent, self.sent = self.sent, []
+        return sent
+
+
+class _Member:
+    """A SyncObj of class ``cls`` plus handles on the internals a test sets up."""
+
+    def __init__(self, cls, address, term, entries=(), commit=1):
+        others = [a for a in (LEADER, FOLLOWER, THIRD) if a != address]
+        self.obj = cls(address, others, SyncObjConf(autoTick=False), transportClass=_RecordingTransport)
+        self.transport = self.obj._SyncObj__transport
+        for idx, entry_term, command in entries:
+            self.obj._SyncObj__raftLog.add(command, idx, entry_term)
+        self.obj._SyncObj__setCurrentTerm(term, None)
+        self.obj._SyncObj__raftCommitIndex = commit
+
+    def receive(self, sender, message):
+        self.obj._SyncObj__onMessageReceived(self.transport.nodes[sender], message)
+
+    @property
+    def log(self):
+        raft_log = self.obj._SyncObj__raftLog
+        return [(raft_log[i][1], raft_log[i][2]) for i in range(len(raft_log))]
+
+    @property
+    def commit(self):
+        return self.obj._SyncObj__raftCommitIndex
+
+    def replies(self):
+        return [message for _, message in self.transport.take()]
+
+    def close(self):
+        self.obj.destroy()
+
+
+@pytest.fixture
+def members():
+    made = []
+
+    def make(*args, cls=_RaftNode, **kwargs):
+        member = _Member(cls, *args, **kwargs)
+        made.append(member)
+        return member
+
+    yield make
+    for member in made:
+        member.close()
+
+
+def _entries(first, last, term, size=1):
+    return [(idx, term, NOOP + b"x" * (size - 1)) for idx in range(first, last + 1)]
+
+
+def _append(term, prev, prev_term, entries, commit):
+    return {"type": "append_entries", "term": term, "commit_index": commit, "prevLogIdx": prev,
+            "prevLogTerm": prev_term, "entries": [(command, idx, t) for idx, t, command in entries]}
+
+
+# -- follower: Raft AppendEntries rules 3-5 ------------------------------------------------
+
+
+def test_a_stale_duplicate_append_keeps_the_entries_acknowledged_since(members):
+    follower = members(FOLLOWER, term=1)
+    follower.receive(LEADER, _append(1, 1, 0, _entries(2, 6, 1), commit=1))
+    assert follower.replies()[-1]["next_node_idx"] == 7  # acknowledged up to 6
+    # The same leader's earlier append arrives again, late (delayed or duplicated).
+    follower.receive(LEADER, _append(1, 1, 0, _entries(2, 3, 1), commit=1))
+    assert follower.log == [(1, 0)] + [(i, 1) for i in range(2, 7)]
+    reply = follower.replies()[-1]
+    assert reply["success"] and reply["next_node_idx"] == 4  # what that append matched
+
+
+def test_entries_are_replaced_from_the_first_conflict_only(members):
+    follower = members(FOLLOWER, term=1, entries=_entries(2, 5, 1))
+    follower.receive(LEADER, _append(2, 2, 1, _entries(3, 3, 1) + _entries(4, 6, 2), commit=1))
+    assert follower.log == [(1, 0), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
+    assert follower.replies()[-1]["next_node_idx"] == 7
+
+
+def test_commit_stops_at_the_last_entry_the_append_matched(members):
+    # An old-term tail 4..8 beyond what this heartbeat checked (3).
+    follower = members(FOLLOWER, term=1, entries=_entries(2, 8, 1))
+    follower.receive(LEADER, _append(2, 3, 1, [], commit=100))
+    assert follower.commit == 3
+    assert len(follower.log) == 8  # nothing conflicted, nothing deleted
+
+
+def test_an_append_while_the_leaders_snapshot_is_not_ready_commits_nothing(members):
+    follower = members(FOLLOWER, term=1, entries=_entries(2, 8, 1), commit=2)
+    follower.receive(LEADER, {"type": "append_entries", "term": 2, "commit_index": 500, "serialized": None})
+    assert follower.commit == 2  # the old-term tail 3..8 was never matched with the leader
+    assert follower.obj._getLeader().address == LEADER and follower.obj.raftCurrentTerm == 2
+
+
+def test_every_refusal_names_the_entry_after_the_commit_index(members):
+    follower = members(FOLLOWER, term=1, entries=_entries(2, 8, 1), commit=3)
+    follower.receive(LEADER, _append(2, 12, 2, [], commit=20))  # lacks 12
+    follower.receive(LEADER, _append(2, 6, 2, [], commit=20))  # holds 6 with another term
+    replies = follower.replies()
+    assert [(r["success"], r["reset"], r["next_node_idx"]) for r in replies] == [(False, True, 4)] * 2
+    assert all(r["term"] == 2 and r["last_log_idx"] == 8 for r in replies)
+    assert follower.commit == 3
+
+
+def test_an_append_of_an_older_term_is_ignored(members):
+    follower = members(FOLLOWER, term=3, entries=_entries(2, 4, 3))
+    follower.receive(LEADER, _append(2, 1, 0, _entries(2, 2, 2), commit=2))
+    assert follower.replies() == [] and follower.log == [(1, 0), (2, 3), (3, 3), (4, 3)]
+
+
+# -- leader: handling the follower's reply --------------------------------------------------
+
+
+def _leader(members, last=40, term=2):
+    leader = members(LEADER, term=term, entries=_entries(2, last, term))
+    leader.obj._SyncObj__onBecomeLeader()  # appends its no-op at last + 1
+    leader.transport.take()
+    return leader
+
+
+def _indices(leader, address=FOLLOWER):
+    node = leader.transport.nodes[address]
+    return leader.obj._SyncObj__raftNextIndex[node], leader.obj._SyncObj__raftMatchIndex[node]
+
+
+def _reply(term, next_idx, success, **extra):
+    return {"type": "next_node_idx", "next_node_idx": next_idx, "success": success, "reset": not success,
+            "term": term, **extra}
+
+
+def test_a_refusal_never_moves_next_index_to_what_the_follower_confirmed(members):
+    leader = _leader(members)
+    leader.receive(FOLLOWER, _reply(2, 31, True))
+    assert _indices(leader) == (31, 30)
+    leader.receive(FOLLOWER, _reply(2, 5, False, last_log_idx=35))  # stale: before that ack
+    assert _indices(leader) == (31, 30)
+    leader.receive(FOLLOWER, _reply(2, 36, False, last_log_idx=35))
+    assert _indices(leader) == (36, 30)
+
+
+def test_replies_of_another_term_are_ignored(members):
+    leader = _leader(members, term=3)
+    before = _indices(leader)
+    leader.receive(FOLLOWER, _reply(2, 20, True))
+    leader.receive(FOLLOWER, _reply(2, 3, False, last_log_idx=2))
+    assert _indices(leader) == before
+
+
+def test_a_follower_that_lost_acknowledged_entries_is_resent_them(members):
+    leader = _leader(members)
+    leader.receive(FOLLOWER, _reply(2, 31, True))
+    # Restarted without a journal: it holds only its first entry now.
+    leader.receive(FOLLOWER, _reply(2, 2, False, last_log_idx=1))
+    assert _indices(leader) == (2, 1)
+
+
+# -- a diverged follower catches up under pipelining ---------------------------------------
+
+
+def _run_rounds(leader, follower, rounds, sends_per_round, grow):
+    """Each round the leader sends ``sends_per_round`` times (appending ``grow`` new
+    entries before each send, as under load) before the follower's replies to any of
+    them arrive: several appends per round trip. Returns the round the follower's log
+    equalled the leader's, or None."""
+    leader_node = follower.transport.nodes[LEADER]
+    leader.obj._SyncObj__onNodeConnected(leader.transport.nodes[FOLLOWER])
+    term = leader.obj.raftCurrentTerm
+    for round_number in range(1, rounds + 1):
+        for _ in range(sends_per_round):
+            for _ in range(grow):
+                last = leader.log[-1][0]
+                leader.obj._SyncObj__raftLog.add(NOOP + b"y" * 99, last + 1, term)
+            leader.obj._SyncObj__sendAppendEntries()
+        for address, message in leader.transport.take():
+            if address == FOLLOWER:
+                follower.obj._SyncObj__onMessageReceived(leader_node, message)
+        for _, message in follower.transport.take():
+            leader.receive(FOLLOWER, message)
+        if follower.log == leader.log:
+            return round_number
+    return None
+
+
+@pytest.mark.parametrize("entry_size, sends_per_round, grow", [
+    (8 * 1024, 1, 0),  # a backlog of many 64 KiB batches, sent in one go
+    (100, 2, 1),  # small entries, steady load: two sends per round trip
+])
+def test_a_diverged_follower_catches_up_when_appends_are_pipelined(members, entry_size, sends_per_round, grow):
+    common = _entries(2, 20, 1)
+    # The follower led term 1 and took entries 21..60 that were never committed; the
+    # leader of term 2 wrote 21..300 meanwhile.
+    follower = members(FOLLOWER, term=1, entries=common + _entries(21, 60, 1, entry_size), commit=20)
+    leader = members(LEADER, term=2, entries=common + _entries(21, 300, 2, entry_size), commit=280)
+    leader.obj._SyncObj__onBecomeLeader()
+    leader.transport.take()
+    caught_up_in = _run_rounds(leader, follower, rounds=30, sends_per_round=sends_per_round, grow=grow)
+    assert caught_up_in is not None and caught_up_in <= 3, f"not caught up after 30 rounds ({caught_up_in})"
+    assert follower.commit >= 280
