@@ -545,3 +545,17 @@ class Replica:
         if reply[0] != Msg.RESULT:
             raise BadRequest(f"test hook {name!r} refused by the engine")
         return reply[2]
+
+
+def _ignore_answer(status: int | None, payload: Any) -> None:
+    pass
+
+
+def deadline_after(timeout: float | None) -> float:
+    """The monotonic deadline of a public call's ``timeout`` (None: no deadline); one per
+    call, carried down to every wait it makes. Raises BadRequest for a bad timeout."""
+    if timeout is None:
+        return INFINITY
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise BadRequest("timeout must be None or a number >= 0")
+    return time.monotonic() + timeout

@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from cluster.launcher import AgentError, free_ports
+from cluster.launcher import free_ports
 from raftsync import Node
-from raftsync.errors import NoQuorum, OutcomeUnknown, RaftsyncError, SessionExpired, Timeout
+from raftsync.errors import NoQuorum, OutcomeUnknown, RaftsyncError, Timeout
 from tests.integration.util import events, wait_for, wait_queued
 
 TTL = 3.0  # the test clusters' session TTL

@@ -6,7 +6,7 @@ transport calls), so every interleaving is exact.
 """
 
 import pytest
-from pysyncobj import SyncObj, SyncObjConf
+from pysyncobj import SyncObjConf
 from pysyncobj.transport import Transport
 
 from raftsync.engine.core import _RaftNode
