@@ -253,7 +253,7 @@ def member(tmp_path):
 def test_write_that_applied_before_its_session_ended_returns_its_answer(member):
     kv = member.data()
     session = member.default_session
-    member._replica.test_hook("drop_replies", count=1)
+    member._replica.test_hook("drop_replies", {"count": 1})
     outcome = {}
     writer = threading.Thread(target=lambda: outcome.setdefault("record", _catch(lambda: kv.write("k", b"v"))))
     writer.start()
