@@ -87,6 +87,7 @@ class _Handle:
         Raises LockTimeout, NoQuorum, or SessionExpired (the session was lost while waiting).
         """
         check_timeout(timeout)
+        self._replica.check_owner()  # a forked child must not count a hold of its parent's
         with self._mutex:
             if self.lease is not None:
                 self._holds += 1
@@ -104,6 +105,7 @@ class _Handle:
 
     def release(self) -> None:
         """Release one hold; the last release gives it back. Raises NotHeld."""
+        self._replica.check_owner()
         with self._mutex:
             lease = self._lease
             if lease is None or self._holds == 0:

@@ -177,6 +177,7 @@ class SessionKeeper:
 
     def for_ttl(self, ttl: float, timeout: float | None) -> Session:
         """A shared session with this TTL (for locks given their own ttl), reopened when lost."""
+        self._replica.check_owner()  # before a lock a forked child may have inherited held
         if ttl == self._replica.config.session_ttl:
             return self.default(timeout)
         with self._by_ttl_lock:
@@ -187,6 +188,7 @@ class SessionKeeper:
 
     def default(self, timeout: float | None = None) -> Session:
         """The node's current default session, waiting for one to open if needed."""
+        self._replica.check_owner()  # before a lock a forked child may have inherited held
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._default_ready:
             while True:

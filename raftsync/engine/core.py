@@ -37,6 +37,7 @@ from ..channel import Failure, FrameDecoder, Msg, pack_frame
 from ..codec import (MAX_COMMAND_BYTES, Op, Query, Status, decode_query, decode_result, encode_command,
                      encode_result)
 from ..machine import StateMachine
+from . import lifeline
 from .deadlines import Deadlines
 from .watches import Watches
 
@@ -175,6 +176,10 @@ class Engine:
             self._sock.close()
         except OSError:
             pass
+
+    def release_in_fork_child(self) -> None:
+        """In a forked child of the app (in-process engine; no tick thread exists there)."""
+        lifeline.release_in_fork_child(self._sock, self._raft)
 
     @property
     def machine(self) -> StateMachine:

@@ -14,6 +14,9 @@ pools, test harnesses) lost its engine as soon as that thread ended. Spawning fr
 dedicated long-lived thread would work but adds a thread per node whose death kills
 the engine with SIGKILL; EOF plus this watch follow the process, and stop the engine
 the orderly way (Raft port and journal closed) unless it fails to stop in time.
+
+In-process engine (``engine="thread"``): it dies with its app, but a forked child of
+the app must not keep its Raft port and peer connections open.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from __future__ import annotations
 import logging
 import os
 import select
+import socket
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger("raftsync.engine")
 
@@ -64,3 +68,23 @@ def _wait_for_exit(app_pid: int, pidfd: int | None, on_gone: Callable[[], None])
             time.sleep(PARENT_POLL_INTERVAL)
     on_gone()
 
+
+def release_in_fork_child(channel: socket.socket, raft: Any) -> None:
+    """In a forked child of an in-process engine's app: close this process's copies of
+    the channel and Raft sockets (close() only: shutdown() would act on the parent's)."""
+    sockets = [channel]
+    if raft is not None:
+        # Why the name-mangled members: pysyncobj is pinned (==0.3.17) and offers no
+        # way to reach its sockets; SyncObj.__transport is our RaftTransport.
+        transport = raft._SyncObj__transport
+        server = getattr(transport, "_server", None)
+        if server is not None:
+            sockets.append(server._TcpServer__socket)
+        for conn in [*transport._connections.values(), *transport._unknownConnections]:
+            sockets.append(conn._TcpConnection__socket)
+    for sock in sockets:
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass

@@ -1,7 +1,9 @@
 """The engine lives as long as the app *process* that started the Node: not the thread
-that started it, not a forked child of the app. Real processes throughout."""
+that started it, not a forked child of the app. A forked child cannot use (or disturb)
+its parent's Node. Real processes throughout."""
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 
 from cluster.launcher import _pid_alive, free_ports
 from raftsync import Node
+from raftsync.errors import Closed, ConfigError
 
 from .util import wait_for
 
@@ -105,3 +108,97 @@ def test_engine_exits_when_its_app_is_killed(child, tmp_path):
             except ProcessLookupError:
                 pass
 
+
+def _use_parent_node(node, kv, lock):
+    """In a forked child: every use of the parent's node must raise Closed naming the
+    owner. Exit code 0 if so; otherwise a code saying what happened instead."""
+    code = 0
+    for call in (lambda: kv.write("k", b"child", timeout=2), lambda: kv.read("k", timeout=2),
+                 lambda: kv.read("k", consistency="local", timeout=2), lambda: lock.acquire(timeout=2),
+                 lambda: node.status(timeout=2), lambda: node.data("other/")):
+        try:
+            call()
+            code = code or 3
+        except Closed as exc:
+            if f"belongs to process {os.getppid()}" not in str(exc):
+                code = code or 4
+        except BaseException:
+            code = code or 5
+    node.close()  # a no-op in the child: the node is the parent's to close
+    return code
+
+
+def _child_main(node, kv, lock):
+    code = 6
+    try:
+        code = _use_parent_node(node, kv, lock)
+    finally:
+        os._exit(code)
+
+
+def _wait_exit(pid, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return "hung"
+
+
+@pytest.mark.parametrize("how", ["os.fork", "multiprocessing"])
+@pytest.mark.parametrize("engine", ["process", "thread"])
+def test_forked_child_cannot_use_or_disturb_the_parents_node(engine, how, tmp_path):
+    with _single_node(tmp_path, engine=engine) as node:
+        node.wait_ready(20)
+        kv = node.data("f/")
+        kv.write("k", b"before")
+        lock = node.lock("parents")
+        if how == "os.fork":
+            pid = os.fork()
+            if pid == 0:
+                _child_main(node, kv, lock)
+            exit_code = _wait_exit(pid, 30)
+        else:
+            process = multiprocessing.get_context("fork").Process(target=_child_main, args=(node, kv, lock))
+            process.start()
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            exit_code = process.exitcode
+        # The parent's node is undisturbed: its next command is its own (a child's frame
+        # would have taken the parent's next (session, seq) and answered it as a retry).
+        assert kv.write("k", b"parent").value == b"parent"
+        assert kv.read("k").value == b"parent"
+        with lock:
+            assert lock.held
+        assert node.status()["has_quorum"]
+        assert exit_code == 0, f"child exit {exit_code}: a use of the parent's node did not raise Closed"
+
+
+def test_thread_engine_port_is_free_after_close_despite_a_forked_child(tmp_path):
+    """A forked child must not hold the in-process engine's Raft port: after the parent
+    closes its node, a new node binds the same address at once."""
+    address = f"127.0.0.1:{free_ports(1)[0]}"
+    node = _single_node(tmp_path, engine="thread", address=address).start()
+    node.wait_ready(20)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    try:
+        node.close()
+        try:
+            with _single_node(tmp_path, engine="thread", address=address, bind_retries=2) as again:
+                again.wait_ready(20)
+                assert again.data().write("k", b"v").version >= 1
+        except ConfigError as exc:
+            pytest.fail(f"the forked child still holds the Raft port: {exc}")
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
