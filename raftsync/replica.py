@@ -114,7 +114,7 @@ class Replica:
         except Exception:
             return
         self._thread_engine = engine
-        engine.stopped.wait()
+        engine.join()
 
     def close(self, timeout: float = 5.0) -> None:
         if self._owner_pid not in (None, os.getpid()):

@@ -51,11 +51,7 @@ def main() -> int:
     except Exception as exc:
         logging.getLogger("raftsync.engine").error("engine failed to start: %s", exc)
         return 2
-    engine.stopped.wait()
-    # Let the tick thread close the Raft port and journal before the process goes.
-    thread = engine._raft._SyncObj__thread if engine._raft is not None else None
-    if thread is not None:
-        thread.join(timeout=2.0)
+    engine.join()
     sys.stdout.flush()
     os._exit(0)
 

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -177,6 +178,21 @@ def test_forked_child_cannot_use_or_disturb_the_parents_node(engine, how, tmp_pa
             assert lock.held
         assert node.status()["has_quorum"]
         assert exit_code == 0, f"child exit {exit_code}: a use of the parent's node did not raise Closed"
+
+
+def test_thread_engine_close_frees_its_raft_port(tmp_path):
+    """close() returns once the in-process engine's Raft port is closed. (PySyncObj's tick
+    thread skipped that cleanup whenever the thread that created the SyncObj ended
+    first; a race, hence several rounds.)"""
+    for round_ in range(5):
+        port = free_ports(1)[0]
+        node = _single_node(tmp_path / str(round_), engine="thread", address=f"127.0.0.1:{port}").start()
+        node.wait_ready(20)
+        node.close()
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as PySyncObj binds
+            probe.bind(("127.0.0.1", port))  # EADDRINUSE while the old node still listens
+            probe.listen()
 
 
 def test_thread_engine_port_is_free_after_close_despite_a_forked_child(tmp_path):
