@@ -197,6 +197,15 @@ class BlockingChannel:
             self._pending.extend(self._decoder.feed(data))
         return self._pending.popleft()
 
+    def abandon(self) -> None:
+        """In a forked child: drop this process's copy of the socket without a word to the
+        engine. close() only: shutdown() would act on the socket the parent still uses.
+        The send lock is replaced, not taken: a parent thread may have held it at the fork."""
+        self._space = threading.Condition()
+        self._backlog = bytearray()
+        self._closed = True
+        self._sock.close()
+
     def close(self) -> None:
         with self._space:
             self._closed = True

@@ -101,6 +101,7 @@ class Election:
         check_name(candidate_id, "candidate_id")
         value = check_value(value)
         check_timeout(timeout)
+        self._replica.check_owner()  # a forked child must not reuse its parent's term
         with self._mutex:
             if self._term is not None and not self._term.revoked.is_set():
                 return self._term

@@ -97,6 +97,7 @@ class _Handle:
         """
         check_timeout(timeout)
         deadline = deadline_after(timeout)
+        self._replica.check_owner()  # a forked child must not count a hold of its parent's
         with self._mutex:
             if self.lease is not None:
                 self._holds += 1
@@ -120,6 +121,7 @@ class _Handle:
         (it keeps being proposed in the background; releasing again is then a no-op).
         ``timeout=None`` waits for it, but at most ``quorum_timeout`` without a quorum."""
         check_timeout(timeout)
+        self._replica.check_owner()
         with self._mutex:
             lease = self._lease
             if lease is None or self._holds == 0:

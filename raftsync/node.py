@@ -81,6 +81,7 @@ class Node:
             raise Closed("node is closed")
         if not self._started:
             raise RaftsyncError("node is not started: call start() first")
+        self._replica.check_owner()
 
     # -- state ---------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from .codec import NOT_APPLIED, Status, decode_result, encode_command
 from .config import NodeConfig
 from .errors import (BadRequest, Closed, ConfigError, NoQuorum, OutcomeUnknown, QuorumLostOutcomeUnknown,
                      RaftsyncError, SessionExpired, Timeout)
+from .fork_guard import track as track_for_fork
 from .session import Session, SessionKeeper
 
 log = logging.getLogger("raftsync.replica")
@@ -56,6 +57,9 @@ class Replica:
         self._channel: BlockingChannel | None = None
         self._engine_process: subprocess.Popen | None = None
         self._engine_thread: threading.Thread | None = None
+        self._thread_engine: Any = None  # the in-process engine (engine="thread")
+        self._owner_pid: int | None = None  # the process that started this replica
+        self._sockets: tuple[socket.socket, ...] = ()  # both channel ends, for fork children to close
         self._requests: dict[int, _Pending] = {}
         self._requests_lock = threading.Lock()
         self._request_ids = itertools.count(1)
@@ -83,7 +87,9 @@ class Replica:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        app_end, engine_end = socket.socketpair()
+        self._owner_pid = os.getpid()
+        track_for_fork(self)
+        self._sockets = app_end, engine_end = socket.socketpair()
         if self.config.engine == "process":
             self._engine_process = subprocess.Popen(
                 [sys.executable, "-m", "raftsync.engine", "--fd", str(engine_end.fileno()),
@@ -118,9 +124,12 @@ class Replica:
             engine = run_engine(sock, in_process=True)
         except Exception:
             return
-        engine.stopped.wait()
+        self._thread_engine = engine
+        engine.join()
 
     def close(self, timeout: float = 5.0) -> None:
+        if self._owner_pid not in (None, os.getpid()):
+            return  # a forked child: the node is its parent's to close
         if self._closing.is_set():
             return
         self._closing.set()  # no replacement default session from here on
@@ -151,11 +160,28 @@ class Replica:
         """False once the node is closing or its engine has exited."""
         return not self._closing.is_set() and not self._engine_gone.is_set()
 
+    def check_owner(self) -> None:
+        """Raise Closed in a process forked from the one that started this replica."""
+        owner = self._owner_pid
+        if owner is not None and owner != os.getpid():
+            raise Closed(f"this Node belongs to process {owner}; a forked child must create its own Node")
+
     def check_open(self) -> None:
+        self.check_owner()
         if self._closed.is_set():
             raise Closed("node is closed")
         if self._engine_gone.is_set():
             raise Closed("the node's engine has exited")
+
+    def _release_after_fork(self) -> None:
+        """In a forked child (at-fork hook; the child has no raftsync threads): close
+        this process's copies of the channel, and of an in-process engine's sockets."""
+        if self._channel is not None:
+            self._channel.abandon()
+        for sock in self._sockets:
+            sock.close()
+        if self._thread_engine is not None:
+            self._thread_engine.release_in_fork_child()
 
     # -- channel reader ----------------------------------------------------------------
 

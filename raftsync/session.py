@@ -190,6 +190,7 @@ class SessionKeeper:
 
     def for_ttl(self, ttl: float, deadline: float) -> Session:
         """A shared session with this TTL (for locks given their own ttl), reopened when lost."""
+        self._replica.check_owner()  # before a lock a forked child may have inherited held
         if ttl == self._replica.config.session_ttl:
             return self.default(deadline)
         with self._by_ttl_lock:
@@ -203,6 +204,7 @@ class SessionKeeper:
 
         ``no_quorum``: raise NoQuorum once the cluster has had no leader with a quorum for
         ``quorum_timeout`` during this call (so that no call without a deadline hangs)."""
+        self._replica.check_owner()  # before a lock a forked child may have inherited held
         quorum_timeout = self._replica.config.quorum_timeout
         started = time.monotonic()
         with self._default_ready:

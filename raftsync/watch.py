@@ -41,6 +41,7 @@ class WatchStream(Generic[T]):
 
     def get(self, timeout: float | None = None) -> T:
         """The next change; raises Timeout if none arrives in time, StopIteration once closed."""
+        self._replica.check_owner()  # in a forked child nothing would ever arrive
         if self._closed and self._queue.empty():
             raise StopIteration
         try:

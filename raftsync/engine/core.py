@@ -40,6 +40,7 @@ from ..channel import Failure, FrameDecoder, Msg, pack_frame
 from ..codec import (MAX_COMMAND_BYTES, Op, Query, Status, decode_query, decode_result, encode_command,
                      encode_result)
 from ..machine import StateMachine
+from . import lifeline
 from .deadlines import Deadlines
 from .replication import ReplicationFixes
 from .watches import Watches
@@ -197,6 +198,19 @@ class Engine:
             self._sock.close()
         except OSError:
             pass
+
+    def join(self, timeout: float = 2.0) -> None:
+        """Wait for stop() and then for the tick thread to close the Raft port and journal.
+        The thread that created the SyncObj must call this before it ends: PySyncObj's
+        tick thread quits without that cleanup once its creating thread is gone."""
+        self.stopped.wait()
+        thread = self._raft._SyncObj__thread if self._raft is not None else None
+        if thread is not None:
+            thread.join(timeout)
+
+    def release_in_fork_child(self) -> None:
+        """In a forked child of the app (in-process engine; no tick thread exists there)."""
+        lifeline.release_in_fork_child(self._sock, self._raft)
 
     @property
     def machine(self) -> StateMachine:
