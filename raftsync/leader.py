@@ -19,14 +19,13 @@ Failure modes
 
 from __future__ import annotations
 
-import secrets
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .codec import Op, Query, Status, check_value, encode_query, raise_for_status
 from .errors import NotHeld, Timeout
-from .ownership import Grant, OwnershipTable, check_name, check_timeout, ownership_table, session_for
+from .ownership import Claimant, Grant, check_name, check_timeout
 from .replica import Replica, deadline_after
 from .session import Session
 from .watch import WatchStream
@@ -72,7 +71,8 @@ class Term(Grant):
         Raises NotHeld if the leadership was already over, OutcomeUnknown if the
         resignation was not applied by the deadline (it keeps being proposed in the
         background until it applies or the session ends; resigning again is a no-op)."""
-        self._election._resign(self, deadline_after(timeout))
+        check_timeout(timeout)
+        self._election._resign(self, timeout)
 
     def proclaim(self, value: bytes, timeout: float | None = None) -> None:
         """Publish a new value for this leadership (observers see it). Raises NotHeld."""
@@ -82,18 +82,15 @@ class Term(Grant):
         return f"<Term {self.name!r} id={self.id!r} term={self.term}{' REVOKED' if self.revoked.is_set() else ''}>"
 
 
-class Election:
+class Election(Claimant):
     """A handle on the election of ``group``. Create with ``node.leader(group)``."""
+
+    _kind = "leader"
 
     def __init__(self, replica: Replica, group: str, ttl: float | None = None,
                  session: Session | None = None) -> None:
-        self.group = check_name(group, "group")
-        self.ttl = ttl
-        self._replica = replica
-        self._fixed_session = session
-        self._table: OwnershipTable = ownership_table(replica, "leader")
-        self._handle_id = secrets.randbits(62)
-        self._mutex = threading.RLock()
+        super().__init__(replica, check_name(group, "group"), ttl, session)
+        self.group = group
         self._term: Term | None = None
 
     def campaign(self, candidate_id: str, value: bytes = b"", timeout: float | None = None) -> Term:
@@ -105,17 +102,11 @@ class Election:
         with self._mutex:
             if self._term is not None and not self._term.revoked.is_set():
                 return self._term
-            deadline = deadline_after(timeout)
-            session = session_for(self._replica, self._fixed_session, self.ttl, deadline)
-            token = self._table.claim(session, self.group, self._handle_id, Op.LEADER_CAMPAIGN,
-                                      [self.group, self._handle_id, candidate_id, value, timeout != 0],
-                                      deadline, timeout == 0, Timeout)
-            term = Term(self, candidate_id, value, token, session)
-            self._table.hold(session, self._handle_id, term)
-            self._term = term
-            return term
+            self._term = self._claim([self.group, self._handle_id, candidate_id, value, timeout != 0], timeout,
+                                     Timeout, lambda token, session: Term(self, candidate_id, value, token, session))
+            return self._term
 
-    def _resign(self, term: Term, deadline: float) -> None:
+    def _resign(self, term: Term, timeout: float | None) -> None:
         with self._mutex:
             if term._resigned:
                 return  # already resigned (perhaps still being proposed in the background)
@@ -125,7 +116,7 @@ class Election:
             self._table._end(term)
             if self._term is term:
                 self._term = None
-            self._table.release(self._handle_id, term, NotHeld, deadline)
+            self._give_back(term, timeout)
 
     def _proclaim(self, term: Term, value: bytes, timeout: float | None) -> None:
         if term.revoked.is_set():

@@ -32,13 +32,12 @@ Failure modes
 
 from __future__ import annotations
 
-import secrets
 import threading
 from typing import Any, Callable
 
-from .errors import BadRequest, LockTimeout, NotHeld, SessionExpired
-from .ownership import Grant, acquire_op, check_name, check_timeout, ownership_table, session_for
-from .replica import Replica, deadline_after
+from .errors import BadRequest, LockTimeout, NotHeld
+from .ownership import Claimant, Grant, check_name, check_timeout
+from .replica import Replica
 from .session import Session
 
 
@@ -58,23 +57,11 @@ class Lease(Grant):
         return f"<Lease {self.name!r} token={self.token}{' LOST' if self.lost.is_set() else ''}>"
 
 
-class _Handle:
+class _Handle(Claimant):
     """One owner of a lock-like name: acquire/release, reentrant holds, leases."""
 
-    _kind = "lock"
-
     def __init__(self, replica: Replica, name: str, ttl: float | None, session: Session | None) -> None:
-        check_name(name, "name")
-        if ttl is not None and session is not None:
-            raise BadRequest("give either ttl or session, not both")
-        self.name = name
-        self.ttl = ttl
-        self._replica = replica
-        self._fixed_session = session
-        self._table = ownership_table(replica, self._kind)
-        self._acquire_op = acquire_op(self._kind)
-        self._handle_id = secrets.randbits(62)
-        self._mutex = threading.RLock()
+        super().__init__(replica, name, ttl, session)
         self._lease: Lease | None = None
         self._holds = 0
         # the lease whose release went unanswered (still proposed in the background)
@@ -93,25 +80,18 @@ class _Handle:
         """Block until this handle holds it; ``timeout=0`` tries once.
 
         A handle that already holds it counts one more (reentrant) hold.
-        Raises LockTimeout, NoQuorum, or SessionExpired (the session was lost while waiting).
+        Raises LockTimeout, NoQuorum, SessionExpired (the session was lost while waiting)
+        or OutcomeUnknown (see the module's failure modes).
         """
         check_timeout(timeout)
-        deadline = deadline_after(timeout)
         self._replica.check_owner()  # a forked child must not count a hold of its parent's
         with self._mutex:
             if self.lease is not None:
                 self._holds += 1
                 return self._lease
-            session = session_for(self._replica, self._fixed_session, self.ttl, deadline)
-            token = self._table.claim(session, self.name, self._handle_id, self._acquire_op,
-                                      self._acquire_args(timeout != 0), deadline, timeout == 0, LockTimeout)
-            self._releasing = None
-            lease = Lease(self.name, token, session)
-            self._table.hold(session, self._handle_id, lease)
-            if lease.lost.is_set():
-                self._table.forget(self._handle_id, lease)
-                raise SessionExpired(f"session lost while acquiring {self.name!r}")
-            self._lease, self._holds = lease, 1
+            lease = self._claim(self._acquire_args(timeout != 0), timeout, LockTimeout,
+                                lambda token, session: Lease(self.name, token, session))
+            self._lease, self._holds, self._releasing = lease, 1, None
             return lease
 
     def release(self, timeout: float | None = None) -> None:
@@ -136,7 +116,7 @@ class _Handle:
                 self._holds -= 1
                 return
             self._lease, self._holds, self._releasing = None, 0, lease
-            self._table.release(self._handle_id, lease, NotHeld, deadline_after(timeout))
+            self._give_back(lease, timeout)
             self._releasing = None
 
     @property
@@ -155,6 +135,8 @@ class _Handle:
 
 class Lock(_Handle):
     """A handle on the distributed lock ``name``. Create with ``node.lock(name, ttl)``."""
+
+    _kind = "lock"
 
     def __init__(self, replica: Replica, name: str, ttl: float | None = None,
                  session: Session | None = None) -> None:

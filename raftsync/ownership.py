@@ -18,12 +18,13 @@ marks every grant it held lost.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from typing import Any, Callable
 
 from .codec import MAX_NAME_BYTES, Op, Status, check_key, raise_for_status
-from .errors import NoQuorum, OutcomeUnknown, RaftsyncError, SessionExpired, TooLarge
+from .errors import BadRequest, NoQuorum, NotHeld, OutcomeUnknown, RaftsyncError, SessionExpired, TooLarge
 from .latch import Latch
 from .replica import Replica, deadline_after
 from .session import Session
@@ -82,9 +83,10 @@ class OwnershipTable:
         self.grants: dict[Key, Grant] = {}
         # claims, withdrawals and releases still being settled in the background
         self.settling: dict[Key, threading.Event] = {}
-        replica.add_listener(f"{kind}_granted", self._on_granted)
-        replica.add_listener(f"{kind}_released", self._on_released)
-        replica.add_listener("session_lost", self._on_session_lost)
+        # the machine's Granted/Released effects of this kind's table, as notices
+        replica.on_notice(f"{kind}_granted", self._on_granted)
+        replica.on_notice(f"{kind}_released", self._on_released)
+        replica.sessions.on_loss(self._on_session_lost)
 
     # -- notifications (reader thread) --------------------------------------------------
 
@@ -114,8 +116,7 @@ class OwnershipTable:
         if grant is not None and grant.token == token:
             self._end(grant)
 
-    def _on_session_lost(self, effect: list[Any]) -> None:
-        session_id = effect[1]
+    def _on_session_lost(self, session_id: int) -> None:
         with self.guard:
             ended = [grant for key, grant in self.grants.items() if key[0] == session_id]
             for key, waiter in self.waiters.items():
@@ -288,6 +289,45 @@ class OwnershipTable:
         raise_for_status(status, payload, what)
 
 
+class Claimant:
+    """One owner (a handle) of a name of some kind: what a lock handle and an election
+    share — its session, its handle id, and claiming and giving back grants through the
+    kind's OwnershipTable."""
+
+    _kind = "lock"
+
+    def __init__(self, replica: Replica, name: str, ttl: float | None, session: Session | None) -> None:
+        check_name(name, "name")
+        if ttl is not None and session is not None:
+            raise BadRequest("give either ttl or session, not both")
+        self.name = name
+        self.ttl = ttl
+        self._replica = replica
+        self._fixed_session = session
+        self._table = ownership_table(replica, self._kind)
+        self._handle_id = secrets.randbits(62)
+        self._mutex = threading.RLock()
+
+    def _claim(self, args: list[Any], timeout: float | None, timeout_error: Callable[[str], Exception],
+               make_grant: Callable[[int, Session], Grant]) -> Grant:
+        """Claim the name with acquire ``args`` (ending with the wait flag) and hold the
+        grant ``make_grant(token, session)``. Call with ``_mutex`` held."""
+        deadline = deadline_after(timeout)
+        session = session_for(self._replica, self._fixed_session, self.ttl, deadline)
+        token = self._table.claim(session, self.name, self._handle_id, _OPS[self._kind][0], args, deadline,
+                                  timeout == 0, timeout_error)
+        grant = make_grant(token, session)
+        self._table.hold(session, self._handle_id, grant)
+        if grant._ended.is_set():
+            self._table.forget(self._handle_id, grant)
+            raise SessionExpired(f"session lost while acquiring {self.name!r}")
+        return grant
+
+    def _give_back(self, grant: Grant, timeout: float | None) -> None:
+        """Release ``grant`` through the log (see OwnershipTable.release)."""
+        self._table.release(self._handle_id, grant, NotHeld, deadline_after(timeout))
+
+
 def session_for(replica: Replica, session: Session | None, ttl: float | None, deadline: float) -> Session:
     """The session a handle acts under: explicit, per-TTL shared, or the node's default."""
     if session is not None:
@@ -306,10 +346,6 @@ _OPS = {
     "rw": (Op.RW_ACQUIRE, Op.RW_RELEASE, Op.RW_WITHDRAW),
     "leader": (Op.LEADER_CAMPAIGN, Op.LEADER_RESIGN, Op.LEADER_WITHDRAW),
 }
-
-
-def acquire_op(kind: str) -> int:
-    return _OPS[kind][0]
 
 
 def ownership_table(replica: Replica, kind: str) -> OwnershipTable:

@@ -73,7 +73,8 @@ class Replica:
         self._last_engine_frame = time.monotonic()
         self._ping_turn = time.monotonic()  # the ping loop's last turn
         self._awake_since = time.monotonic()  # the end of this process's last stall
-        self._listeners: dict[str, list[Callable[[list[Any]], None]]] = {}
+        # notice kind (a machine effect forwarded for one of our sessions) -> handlers
+        self._notice_handlers: dict[str, list[Callable[[list[Any]], None]]] = {}
         self._watches: dict[int, Callable[[str, Any], None]] = {}
         self._attachments: dict[str, Any] = {}
         self._attachments_lock = threading.Lock()
@@ -205,7 +206,7 @@ class Replica:
             deliver("closed", None)
         if not self._closed.is_set():
             log.error("raftsync engine exited; this node can no longer serve")
-        self.notify_listeners(["engine_gone"])
+        self.sessions.on_engine_gone()
 
     def _on_message(self, message: list[Any]) -> None:
         self._last_engine_frame = time.monotonic()
@@ -228,24 +229,27 @@ class Replica:
             self._on_notify(message[1])
 
     def _on_notify(self, effect: list[Any]) -> None:
-        if effect[0] == "watch":
+        kind = effect[0]
+        if kind == "watch":
             deliver = self._watches.get(effect[1])
             if deliver is not None:
                 deliver(effect[2], effect[3])
-            return
-        self.notify_listeners(effect)
+        elif kind == "keepalive_ack":
+            self.sessions.on_keepalive_ack(effect)
+        elif kind == "session_ended":
+            self.sessions.on_session_ended(effect)
+        else:
+            for handler in self._notice_handlers.get(kind, ()):
+                try:
+                    handler(effect)
+                except Exception:
+                    log.exception("handler for %s failed", kind)
 
-    def notify_listeners(self, effect: list[Any]) -> None:
-        for listener in self._listeners.get(effect[0], ()):
-            try:
-                listener(effect)
-            except Exception:
-                log.exception("listener for %s failed", effect[0])
-
-    def add_listener(self, kind: str, listener: Callable[[list[Any]], None]) -> None:
-        """Run ``listener(effect)`` on the reader thread for each notification of ``kind``.
-        Listeners must be quick and must not block."""
-        self._listeners.setdefault(kind, []).append(listener)
+    def on_notice(self, kind: str, handler: Callable[[list[Any]], None]) -> None:
+        """Run ``handler(effect)`` on the reader thread for each forwarded machine effect of
+        ``kind`` (e.g. a grant to one of this node's sessions). It must be quick and must
+        not block."""
+        self._notice_handlers.setdefault(kind, []).append(handler)
 
     def attachment(self, key: str, factory: Callable[["Replica"], Any]) -> Any:
         """One shared helper object per replica (e.g. a primitive's notification router)."""

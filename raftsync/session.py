@@ -125,9 +125,8 @@ class SessionKeeper:
         self._default_ready = threading.Condition()
         self._by_ttl: dict[float, Session] = {}
         self._by_ttl_lock = threading.Lock()
-        replica.add_listener("keepalive_ack", self._on_keepalive_ack)
-        replica.add_listener("session_ended", self._on_session_ended)
-        replica.add_listener("engine_gone", self._on_engine_gone)
+        # told, on the losing thread, of every lost session (ownership tables end its grants)
+        self._loss_listeners: list[Callable[[int], None]] = []
 
     def start(self) -> None:
         threading.Thread(target=self._watchdog_loop, name="raftsync-watchdog", daemon=True).start()
@@ -235,7 +234,11 @@ class SessionKeeper:
             if self._sessions.pop(session.id, None) is None:
                 return
         replica = self._replica
-        replica.notify_listeners(["session_lost", session.id])
+        for listener in self._loss_listeners:
+            try:
+                listener(session.id)
+            except Exception:
+                log.exception("session loss listener failed")
         for callback in callbacks:
             replica.call_soon(callback, session)
         try:
@@ -256,7 +259,12 @@ class SessionKeeper:
         except RaftsyncError:
             pass  # still proposed in the background; it also expires on its own
 
-    def _on_keepalive_ack(self, effect: list[Any]) -> None:
+    def on_loss(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(session_id)`` when a session is lost, before anything is written
+        to the channel. It must be quick and must not block."""
+        self._loss_listeners.append(listener)
+
+    def on_keepalive_ack(self, effect: list[Any]) -> None:
         _, session_ids, sent_at = effect
         with self._lock:
             for session_id in session_ids:
@@ -265,7 +273,7 @@ class SessionKeeper:
                     session._extend(sent_at)
             self._watchdog_wake.notify_all()
 
-    def _on_session_ended(self, effect: list[Any]) -> None:
+    def on_session_ended(self, effect: list[Any]) -> None:
         session = self.by_id(effect[1])
         if session is None:
             return
@@ -274,7 +282,7 @@ class SessionKeeper:
         else:
             self.lose(session, f"session {effect[2]} by the cluster", ended_in_cluster=True)
 
-    def _on_engine_gone(self, effect: list[Any]) -> None:
+    def on_engine_gone(self) -> None:
         with self._default_ready:
             self._default_ready.notify_all()
         with self._lock:

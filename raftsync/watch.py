@@ -6,7 +6,7 @@ import itertools
 import queue
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from .errors import Closed, Compacted, Timeout
+from .errors import BadRequest, Closed, Compacted, Timeout
 
 T = TypeVar("T")
 _watch_ids = itertools.count(1)
@@ -32,6 +32,9 @@ class WatchStream(Generic[T]):
         """Reader thread: queue one pushed change (or the end of the stream)."""
         if kind == "compacted":
             self._queue.put(Compacted(f"history before revision {payload} has been trimmed"))
+            self._queue.put(_END)
+        elif kind == "invalid":
+            self._queue.put(BadRequest(f"watch rejected by the engine: {payload}"))
             self._queue.put(_END)
         elif kind == "closed":
             self._queue.put(Closed("the node closed"))

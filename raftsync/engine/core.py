@@ -37,9 +37,10 @@ from pysyncobj.config import FAIL_REASON
 from pysyncobj.poller import POLL_EVENT_TYPE
 
 from ..channel import Failure, FrameDecoder, Msg, pack_frame
-from ..codec import (MAX_COMMAND_BYTES, Op, Query, Status, decode_query, decode_result, encode_command,
-                     encode_result)
+from ..codec import MAX_COMMAND_BYTES, Op, decode_result, encode_command
 from ..machine import StateMachine
+from ..machine.effects import SessionEnded
+from ..machine.table import Reader
 from . import lifeline
 from .deadlines import Deadlines
 from .replication import ReplicationFixes
@@ -58,9 +59,6 @@ _FAILURES = {
 }
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 _BARRIER = encode_command(Op.BARRIER, 0, 0, 0, [])
-# Effects about a session that its own app is told about (waiters, lost grants).
-_OWNER_EFFECTS = ("lock_granted", "lock_released", "leader_granted", "leader_released",
-                  "sem_granted", "sem_released", "rw_granted", "rw_released")
 # An app that stops reading is treated as dead rather than letting us buffer forever.
 MAX_OUTGOING_BYTES = 256 * 1024 * 1024
 # Keepalives continue only while the app sent a frame within min(this, ttl/3).
@@ -158,9 +156,9 @@ class Engine:
         # sessions this app owns: id -> ttl seconds, and when each is next due
         self._owned: dict[int, float] = {}
         self._keepalive_due: dict[int, float] = {}
-        # TTLs measured here; expiries proposed only while this node leads
-        self._session_deadlines = Deadlines()
-        self._kv_deadlines = Deadlines()
+        # TTLs measured here, keyed (deadline kind, key); expiries proposed only while
+        # this node leads
+        self._deadlines = Deadlines()
         self._watches = Watches(self._send)
         self._was_leader = False
         self._state: tuple | None = None
@@ -417,69 +415,40 @@ class Engine:
             self._start_barrier()
 
     def _answer(self, query: bytes) -> bytes:
-        """Run a query. KV records carry, in place of their TTL, this node's estimate of
-        the seconds left (None without a TTL): expiry itself is the leader's decision."""
-        result = self.machine.query(query)
-        try:
-            kind = decode_query(query)[0]
-        except ValueError:
-            return result
-        if kind not in (Query.KV_GET, Query.KV_RANGE):
-            return result
-        status, payload = decode_result(result)
-        if status != Status.OK:
-            return result
+        """Run a query. Where a result shows a TTL, it is this node's estimate of the
+        seconds left: expiry itself is the leader's decision."""
         now = time.monotonic()
-        for record in payload if kind == Query.KV_RANGE else [payload]:
-            if record[4]:
-                left = self._kv_deadlines.remaining(record[0], record[3], now)
-                record[4] = record[4] / 1000.0 if left is None else max(0.0, left)
-            else:
-                record[4] = None
-        return encode_result(status, payload)
+        return self.machine.query(query, Reader(
+            lambda kind, key, token: self._deadlines.remaining((kind, key), token, now)))
 
     # -- effects (called from apply, tick thread) --------------------------------------
 
     def _on_effects(self, effects: list) -> None:
+        """Measure the TTLs effects start or stop, and tell the app what concerns the
+        sessions it owns. Nothing here knows which primitive an effect comes from."""
         try:
             now = time.monotonic()
             for effect in effects:
-                kind = effect[0]
-                if kind == "keepalive":
-                    remaining_ttl = self._session_ttl(effect[1])
-                    if remaining_ttl is not None:
-                        self._session_deadlines.observe(effect[1], effect[2], remaining_ttl, now)
-                elif kind == "session_opened":
-                    self._session_deadlines.observe(effect[1], effect[3], effect[2] / 1000.0, now)
-                elif kind == "session_ended":
-                    self._session_deadlines.forget(effect[1])
-                    if effect[1] in self._owned:
-                        self._owned.pop(effect[1], None)
-                        self._keepalive_due.pop(effect[1], None)
-                        self._send([Msg.NOTIFY, list(effect)])
-                elif kind == "kv_put":
-                    if effect[3]:
-                        self._kv_deadlines.observe(effect[1], effect[2], effect[3] / 1000.0, now)
+                deadline = effect.deadline
+                if deadline is not None:
+                    kind, key, token, ttl = deadline
+                    if token is None:
+                        self._deadlines.forget((kind, key))
                     else:
-                        self._kv_deadlines.forget(effect[1])
-                elif kind == "kv_delete":
-                    self._kv_deadlines.forget(effect[1])
-                elif kind in _OWNER_EFFECTS and effect[2] in self._owned:
+                        self._deadlines.observe((kind, key), token, ttl, now)
+                owner = effect.owner
+                if owner and owner in self._owned:
+                    if isinstance(effect, SessionEnded):
+                        self._owned.pop(owner, None)
+                        self._keepalive_due.pop(owner, None)
                     self._send([Msg.NOTIFY, list(effect)])
-            self._watches.on_effects(self.machine, effects)
+            self._watches.on_applied(self.machine)
         except Exception:
             log.exception("effect fan-out failed")
 
-    def _session_ttl(self, session_id: int) -> float | None:
-        record = self.machine.sessions.get(session_id)
-        return None if record is None else record.ttl_ms / 1000.0
-
     def _restart_deadlines(self, now: float) -> None:
-        machine = self.machine
-        self._session_deadlines.reset(
-            ((sid, r.keepalive_index, r.ttl_ms / 1000.0) for sid, r in machine.sessions.by_id.items()), now)
-        self._kv_deadlines.reset(
-            ((key, r[2], r[3] / 1000.0) for key, r in machine.kv.records.items() if r[3]), now)
+        self._deadlines.reset((((kind, key), token, ttl) for kind, key, token, ttl in self.machine.deadlines()),
+                              now)
 
     def _on_restored(self) -> None:
         """A snapshot replaced the machine: re-derive what the app must know."""
@@ -491,13 +460,11 @@ class Engine:
                 if session_id not in sessions:
                     self._owned.pop(session_id, None)
                     self._keepalive_due.pop(session_id, None)
-                    self._send([Msg.NOTIFY, ["session_ended", session_id, "expired"]])
-            machine = self.machine
-            for table in (machine.locks, machine.leaders, machine.semaphores, machine.rwlocks):
-                for name, session_id, handle_id, token in table.holdings():
-                    if session_id in self._owned:
-                        self._send([Msg.NOTIFY, [f"{table.kind}_granted", name, session_id, handle_id, token]])
-            self._watches.on_restored(self.machine)
+                    self._send([Msg.NOTIFY, list(SessionEnded("session_ended", session_id, "expired"))])
+            for grant in self.machine.holdings():
+                if grant.owner in self._owned:
+                    self._send([Msg.NOTIFY, list(grant)])
+            self._watches.on_applied(self.machine)
         except Exception:
             log.exception("restore fan-out failed")
 
@@ -538,18 +505,16 @@ class Engine:
         self._was_leader = is_leader
         if not is_leader:
             return
-        for session_id, keepalive_index in self._session_deadlines.due(now):
-            self._propose(encode_command(Op.EXPIRE_SESSION, 0, 0, 0, [session_id, keepalive_index]),
-                          self._expiry_done(self._session_deadlines, session_id, keepalive_index))
-        for key, revision in self._kv_deadlines.due(now):
-            self._propose(encode_command(Op.KV_EXPIRE, 0, 0, 0, [key, revision]),
-                          self._expiry_done(self._kv_deadlines, key, revision))
+        expiry_ops = self.machine.expiry_ops
+        for (kind, key), token in self._deadlines.due(now):
+            # The expiry names the token it expects: a renewal applied meanwhile wins.
+            self._propose(encode_command(expiry_ops[kind], 0, 0, 0, [key, token]),
+                          self._expiry_done((kind, key), token))
 
-    @staticmethod
-    def _expiry_done(deadlines: Deadlines, key: Any, token: int):
+    def _expiry_done(self, key: Any, token: int):
         def done(result: Any, error: int) -> None:
             if error != FAIL_REASON.SUCCESS:
-                deadlines.proposal_failed(key, token)
+                self._deadlines.proposal_failed(key, token)
         return done
 
     def _send_keepalives(self, now: float) -> None:

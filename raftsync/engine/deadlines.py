@@ -20,7 +20,14 @@ class Deadlines:
         # key -> token whose expiry is proposed and not yet answered
         self._proposed: dict[Hashable, int] = {}
 
-    def observe(self, key: Hashable, token: int, ttl: float, now: float) -> None:
+    def observe(self, key: Hashable, token: int, ttl: float | None, now: float) -> None:
+        """A renewal (new token) seen at ``now``; ``ttl`` None keeps the TTL known for
+        ``key`` (a keepalive renews a session's own TTL), and is ignored if none is."""
+        if ttl is None:
+            item = self._items.get(key)
+            if item is None:
+                return
+            ttl = item[2]
         self._items[key] = [token, now, ttl]
         self._proposed.pop(key, None)
 

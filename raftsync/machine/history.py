@@ -38,6 +38,11 @@ class History:
             self.bytes -= self._size(old)
             self.compacted_revision = old[0]
 
+    @property
+    def last_revision(self) -> int:
+        """The revision of the newest change kept (or trimmed)."""
+        return self.entries[-1][0] if self.entries else self.compacted_revision
+
     def since(self, revision: int, match: Callable[[str], bool]) -> list[list[Any]] | None:
         """Entries after ``revision`` whose key matches, oldest first; None if some of them
         may have been trimmed. Costs O(entries after ``revision``)."""

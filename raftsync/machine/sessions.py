@@ -16,7 +16,10 @@ original answer, and one that never applied is told so for certain.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Any
+from typing import Any, Callable
+
+from ..codec import Op, Query, Status, encode_result
+from .table import Reader, Table, int_arg
 
 # Closed session ids are remembered (bounded) so a delayed duplicate OPEN cannot
 # resurrect a session the client was already told it lost.
@@ -80,13 +83,29 @@ class EndedSession:
         return [self.acked_below, sorted(self.results.items())]
 
 
-class Sessions:
+class Sessions(Table):
+    name = "sessions"
+    expiry_ops = {"session": Op.EXPIRE_SESSION}
+
     def __init__(self) -> None:
         self.by_id: dict[int, SessionRecord] = {}
         self.tombstones: deque[int] = deque()
         self._tombstone_set: set[int] = set()
         self.ended: OrderedDict[int, EndedSession] = OrderedDict()
         self._ended_results = 0
+
+    def queries(self) -> dict[int, Callable[[list[Any], Reader], bytes]]:
+        return {Query.SESSION_INFO: self._info_query}
+
+    def deadlines(self):
+        for session_id, record in self.by_id.items():
+            yield "session", session_id, record.keepalive_index, record.ttl_ms / 1000.0
+
+    def _info_query(self, args: list[Any], reader: Reader) -> bytes:
+        record = self.get(int_arg(args[0], "session_id"))
+        if record is None:
+            return encode_result(Status.NOT_FOUND)
+        return encode_result(Status.OK, [record.ttl_ms, record.keepalive_index])
 
     def get(self, session_id: int) -> SessionRecord | None:
         return self.by_id.get(session_id)
@@ -132,15 +151,13 @@ class Sessions:
                 "tombstones": list(self.tombstones),
                 "ended": [[sid, *ended.to_state()] for sid, ended in self.ended.items()]}
 
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "Sessions":
-        sessions = cls()
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.__init__()
         for item in state["live"]:
             record = SessionRecord.from_state(item)
-            sessions.by_id[record.session_id] = record
-        sessions.tombstones = deque(state["tombstones"])
-        sessions._tombstone_set = set(sessions.tombstones)
-        for session_id, acked_below, results in state.get("ended", []):
-            sessions.ended[session_id] = EndedSession(acked_below, {seq: result for seq, result in results})
-            sessions._ended_results += len(results)
-        return sessions
+            self.by_id[record.session_id] = record
+        self.tombstones = deque(state["tombstones"])
+        self._tombstone_set = set(self.tombstones)
+        for session_id, acked_below, results in state["ended"]:
+            self.ended[session_id] = EndedSession(acked_below, {seq: result for seq, result in results})
+            self._ended_results += len(results)

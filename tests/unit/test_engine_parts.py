@@ -42,7 +42,7 @@ class _Collector:
 def _apply(machine, watches, op, session_id, seq, args):
     effects = []
     machine.apply(encode_command(op, session_id, seq, seq, args), effects)
-    watches.on_effects(machine, effects)
+    watches.on_applied(machine)
 
 
 def test_kv_watch_replays_history_then_live_changes_in_order():
@@ -82,6 +82,6 @@ def test_watch_catches_up_after_a_snapshot_replaced_the_machine():
     ahead = StateMachine.restore(machine.snapshot())
     ahead.apply(encode_command(Op.KV_PUT, 7, 1, 1, ["k", b"1", None]))
     ahead.apply(encode_command(Op.LEADER_CAMPAIGN, 7, 2, 2, ["g", 1, "c", b"v", True]))
-    watches.on_restored(ahead)  # the effects of those two commands were never seen here
+    watches.on_applied(ahead)  # the effects of those two commands were never seen here
     assert sent.sent == [[2, "leader", None], [1, "kv", [ahead.index - 1, "k", b"1", 1]],
                          [2, "leader", ["c", b"v", ahead.index]]]

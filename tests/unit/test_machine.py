@@ -310,7 +310,7 @@ def test_lock_acquire_rejects_bad_arguments(args):
     c = Client(m, 1)
     result, fx = c.do(Op.LOCK_ACQUIRE, *args)
     assert result_of(result)[0] == Status.BAD_COMMAND and fx == []
-    assert state(m)["locks"] == []
+    assert state(m)["lock"] == []
 
 
 # -- exactly-once ------------------------------------------------------------------------
@@ -557,7 +557,7 @@ def test_leader_history_records_every_change_and_survives_snapshots():
     b.do(Op.LEADER_CAMPAIGN, "g", 2, "b", b"2", True)  # queued: no change
     a.do(Op.LEADER_PROCLAIM, "g", 1, first, b"1b")
     a.do(Op.CLOSE_SESSION)  # hands the group to b in the same entry
-    entries = m.leader_history.since(0, lambda group: group == "g")
+    entries = m.leaders.history.since(0, lambda group: group == "g")
     assert [e[2] for e in entries] == [["a", b"1", first], ["a", b"1b", first], ["b", b"2", m.index]]
     restored = StateMachine.restore(m.snapshot())
-    assert restored.leader_history.since(first, lambda group: True) == entries[1:]
+    assert restored.leaders.history.since(first, lambda group: True) == entries[1:]
