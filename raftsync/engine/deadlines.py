@@ -1,7 +1,8 @@
 """Deadlines kept by the Raft leader on its own monotonic clock.
 
-Used for session TTLs and KV record TTLs. Each tracked item has a *token* (the
-session's last keepalive index, the record's revision): the expiry command names it,
+Used for every TTL a machine table declares (sessions, records, ...). Each tracked
+item has a *token* (a session's last keepalive index, a record's revision): the expiry
+command names it,
 so anything that renewed the item in the meantime makes the expiry a no-op in the
 machine. Every replica tracks when it applied each renewal, but only the leader
 proposes expiries, and a new leader first restarts every clock (``reset``): it cannot

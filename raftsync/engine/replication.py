@@ -31,7 +31,7 @@ term (Raft: a response is only meaningful in the term of its request).
 Everything runs on PySyncObj's tick thread. It relies on ``pysyncobj==0.3.17``
 (pinned exactly): the name-mangled ``_SyncObj__*`` members; each override says which
 upstream method it replaces and why. The handlers for every other message type, the
-leader's sending (``__sendAppendEntries``), elections, compaction and snapshots are
+leader's sending (``__sendAppendEntries``), voting, compaction and snapshots are
 upstream's.
 """
 
@@ -69,13 +69,13 @@ class ReplicationFixes:
 
     def _followLeader(self, node, message):
         """Upstream's append_entries handling up to the log checks, unchanged: accept the
-        sender as leader of its term and reset the election timer."""
+        sender as leader of its term and reset the leader-timeout timer."""
         if message['term'] > self._SyncObj__raftCurrentTerm:
             # A new leader at a higher term supersedes any pending transfer.
             self._SyncObj__transferInProgress = False
         if not self._SyncObj__transferInProgress:
             # While a transfer is pending, same-term heartbeats from the outgoing leader
-            # must not postpone the forced election.
+            # must not postpone the forced vote.
             self._SyncObj__raftElectionDeadline = monotonicTime() + self._SyncObj__generateRaftTimeout()
         if self._SyncObj__raftLeader != node:
             self._SyncObj__onLeaderChanged()

@@ -1,5 +1,5 @@
-"""Watches: the app asked to hear about every change of some key (a KV prefix, an
-election group, ...) in commit order.
+"""Watches: the app asked to hear about every change of some key (a key prefix, a
+group name, ...) in commit order.
 
 Runs on the tick thread like the rest of the engine, right after each apply. A watch
 kind is declared by a machine table (``WatchKind``: a bounded history, how an entry
