@@ -38,6 +38,7 @@ from ..codec import (MAX_COMMAND_BYTES, Op, Query, Status, decode_query, decode_
                      encode_result)
 from ..machine import StateMachine
 from .deadlines import Deadlines
+from .durability import DurabilityMixin
 from .watches import Watches
 
 log = logging.getLogger("raftsync.engine")
@@ -120,7 +121,7 @@ def build_conf(config: dict[str, Any], in_process: bool) -> SyncObjConf:
     )
 
 
-class _RaftNode(SyncObj):
+class _RaftNode(DurabilityMixin, SyncObj):
     pass
 
 
