@@ -14,7 +14,8 @@ def test_by_default_a_member_keeps_term_vote_and_log_in_a_dir_named_after_it(tmp
     monkeypatch.chdir(tmp_path)
     port = free_ports(1)[0]
     address = f"127.0.0.1:{port}"
-    with Node(address, peers=[], engine="thread", session_ttl=3) as node:
+    # The process engine: its exit frees the port for the restart below at once.
+    with Node(address, peers=[], engine="process", session_ttl=3) as node:
         node.wait_ready(10)
         node.data().write("k", b"v")
         first_term = node.status()["term"]
@@ -22,7 +23,7 @@ def test_by_default_a_member_keeps_term_vote_and_log_in_a_dir_named_after_it(tmp
     assert (data_dir / "journal.bin").is_file()
     meta = MetaStorer(str(data_dir / "journal.bin.meta")).getMeta()
     assert (meta["currentTerm"], meta["votedForNodeId"]) == (first_term, address)
-    with Node(address, peers=[], engine="thread", session_ttl=3) as node:
+    with Node(address, peers=[], engine="process", session_ttl=3) as node:
         node.wait_ready(10)
         assert node.data().read("k").value == b"v"
         # It started from the term it remembered: its new election is in a later term.
