@@ -20,6 +20,11 @@ and at restart a journal that still runs from before the snapshot point is trimm
 it instead of being cleared. It also ties the snapshot child to its engine, so a
 snapshot started by a dead engine cannot land after its successor started.
 
+The journal file may thus hold a prefix of entries the FileJournal no longer lists
+(after a restart, or when a rewrite failed): appends and ``deleteEntriesFrom`` work
+from the end of the file, so that prefix is inert; the next compaction drops it from
+the file and a restart before that trims it again.
+
 Process crashes only: like PySyncObj's mmap journal, nothing here is fsync'd, so a
 power loss may still lose recent writes (README, "Durability").
 """
@@ -64,16 +69,18 @@ class DurabilityMixin:
         drop = toIDx - journal[0][1]
         if drop <= 0:
             return
-        _replace_journal(journal, drop)
+        if not _replace_journal(journal, drop):
+            _forget_prefix(journal, drop)  # the file keeps it; see the module docstring
 
     def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:
         # clearJournal=True: a snapshot received from the leader replaces the whole log
         # (Raft InstallSnapshot); clearing loses nothing the snapshot does not hold.
         # clearJournal=False: our own snapshot at start. If the journal still begins
         # before the snapshot point (we died before truncating it), PySyncObj would clear
-        # it and lose every entry after the snapshot: trim it to that point first, so the
-        # original finds the journal starting with the snapshot's last two entries and
-        # keeps it. Costs one extra read of the snapshot, once, at start.
+        # it and lose every entry after the snapshot: trim it to that point first (in
+        # memory; the next compaction rewrites the file), so the original finds the
+        # journal starting with the snapshot's last two entries and keeps it. Costs one
+        # extra read of the snapshot, once, at start.
         if not clearJournal:
             self._trim_journal_to_snapshot()
         super()._SyncObj__loadDumpFile(clearJournal)
@@ -95,17 +102,22 @@ class DurabilityMixin:
                 and journal[position + 1][1:3] == tuple(last[1:3])):
             log.warning("journal still held %d entries before the snapshot point %d "
                         "(a crash between snapshot and truncation); trimming it", position, last[1])
-            _replace_journal(journal, position)
+            _forget_prefix(journal, position)
 
 
-def _replace_journal(journal: FileJournal, drop: int) -> None:
+def _forget_prefix(journal: FileJournal, drop: int) -> None:
+    """Drop the first ``drop`` entries from the FileJournal's list, not from its file."""
+    journal._FileJournal__journal = journal._FileJournal__journal[drop:]
+
+
+def _replace_journal(journal: FileJournal, drop: int) -> bool:
     """Make ``journal`` hold its entries from position ``drop`` on, crash-safely.
 
     Writes the file format of ``FileJournal`` (header with the end offset, then
     ``size | index term command | size`` records) to ``<journal>.tmp`` and renames it
     over the journal, then points the FileJournal at the new file. On an I/O error the
-    old journal stays as it is (longer, which is harmless) and the error is logged:
-    this runs on the tick thread, which must not raise.
+    old file stays as it is, the error is logged and False returned: this runs on the
+    tick thread, which must not raise.
     """
     old_file: ResizableFile = journal._FileJournal__journalFile
     path = old_file._ResizableFile__fileName
@@ -119,33 +131,44 @@ def _replace_journal(journal: FileJournal, drop: int) -> None:
     header = journal._FileJournal__getDefaultHeader()
     header = header[:LAST_RECORD_OFFSET_OFFSET] + struct.pack("<I", end)
     temporary = path + ".tmp"
+    new_file = None
     try:
         with open(temporary, "wb") as handle:
             handle.write(header)
             handle.write(body)
+        # Mapped before the rename, so nothing can fail once the new file is in place
+        # (an old mapping kept after the rename would take appends into an unlinked file).
+        new_file = ResizableFile(temporary)
         os.replace(temporary, path)  # atomic: the old journal or the new one, never a mix
-        new_file = ResizableFile(path)
-    except OSError:
-        log.exception("could not rewrite the journal %s; keeping it untruncated", path)
+    except (OSError, ValueError):
+        log.exception("could not rewrite the journal %s; its file keeps the compacted entries", path)
+        if new_file is not None:
+            _close_without_sync(new_file)
         try:
             os.unlink(temporary)
         except OSError:
             pass
-        return
+        return False
+    new_file._ResizableFile__fileName = path  # it reopens by name if mmap.resize fails
     journal._FileJournal__journalFile = new_file
-    journal._FileJournal__journal = list(kept)
+    journal._FileJournal__journal = kept
     journal._FileJournal__currentOffset = end
-    # The old file is unlinked; close its mapping without msync (ResizableFile._destroy
-    # flushes, a synchronous disk write nothing here needs).
+    _close_without_sync(old_file)  # unlinked by the rename
+    return True
+
+
+def _close_without_sync(resizable: ResizableFile) -> None:
+    # ResizableFile._destroy msyncs first: a synchronous disk write nothing here needs.
     try:
-        old_file._ResizableFile__mm.close()
-        old_file._ResizableFile__f.close()
+        resizable._ResizableFile__mm.close()
+        resizable._ResizableFile__f.close()
     except (OSError, ValueError):
         pass
 
 
 _fork_hook_lock = threading.Lock()
 _fork_hook_pid: int | None = None
+_prctl: Any = None
 
 
 def _kill_snapshot_children_with_engine() -> None:
@@ -156,21 +179,22 @@ def _kill_snapshot_children_with_engine() -> None:
     later, possibly while the restarted engine writes the same temporary file, or over
     a newer snapshot after the new engine truncated its journal past it.
     """
-    global _fork_hook_pid
+    global _fork_hook_pid, _prctl
     with _fork_hook_lock:
         if _fork_hook_pid is not None:
+            return
+        try:
+            # Resolved here: loading a library in the child of a threaded process can hang.
+            _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+        except (OSError, AttributeError):
+            log.warning("no prctl: a snapshot child may outlive a crashed engine")
             return
         _fork_hook_pid = os.getpid()
         os.register_at_fork(after_in_child=_die_with_parent)
 
 
 def _die_with_parent() -> None:
-    parent = _fork_hook_pid
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        return
-    if parent is not None and os.getppid() != parent:
+    PR_SET_PDEATHSIG = 1
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != _fork_hook_pid:
         os._exit(1)  # the engine died between fork and prctl

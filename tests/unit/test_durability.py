@@ -179,6 +179,27 @@ def test_a_journal_trimmed_at_restart_keeps_working_through_later_compactions(tm
             node.destroy()
 
 
+def test_a_journal_that_cannot_be_rewritten_keeps_its_file_and_the_node_keeps_applying(tmp_path, caplog):
+    port = free_ports(1)[0]
+    directory = tmp_path / "node"
+    directory.mkdir()
+    (directory / "journal.bin.tmp").mkdir()  # the rewrite's temporary file cannot be created
+    node, counter = _start(str(directory), port)
+    try:
+        _tick_until(node, node._isLeader)
+        for i in range(BEFORE):
+            counter.add(i, callback=lambda result, error: None)
+        _tick_until(node, lambda: len(counter.applied) == BEFORE)
+        node.forceLogCompaction()
+        _tick_until(node, lambda: "could not rewrite the journal" in caplog.text)
+        for i in range(BEFORE, BEFORE + DURING):
+            counter.add(i, callback=lambda result, error: None)
+        _tick_until(node, lambda: len(counter.applied) == BEFORE + DURING)
+    finally:
+        node.destroy()
+    assert _restart(str(directory), port) == list(range(BEFORE + DURING))
+
+
 def test_a_snapshot_child_dies_with_its_engine(tmp_path):
     """PySyncObj forks a child to write the snapshot; if the engine dies, so must it,
     or it may rename an old snapshot over the files of the engine's successor."""
