@@ -100,8 +100,8 @@ class DurabilityMixin:
         # Same index and term means the same entry (Raft's log matching property).
         if (journal[position][1:3] == tuple(before[1:3])
                 and journal[position + 1][1:3] == tuple(last[1:3])):
-            log.warning("journal still held %d entries before the snapshot point %d "
-                        "(a crash between snapshot and truncation); trimming it", position, last[1])
+            log.warning("the journal still holds %d entries from before the snapshot point %d (the "
+                        "process stopped before truncating it); skipping them", position, last[1])
             _forget_prefix(journal, position)
 
 
