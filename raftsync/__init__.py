@@ -6,8 +6,8 @@ there is no external coordinator. See DESIGN.md in the repository for the contra
 
 from .data import Change, Data, Record
 from .leader import Election, LeaderInfo, Term
-from .errors import (BadRequest, Closed, Compacted, ConfigError, Conflict, LockTimeout, NoQuorum, NotFound,
-                     NotHeld, RaftsyncError, SessionExpired, Timeout, TooLarge)
+from .errors import (BadRequest, Closed, Compacted, ConfigError, ConfigWarning, Conflict, LockTimeout, NoQuorum,
+                     NotFound, NotHeld, RaftsyncError, SessionExpired, Timeout, TooLarge)
 from .lock import Lease, Lock, RWLock, Semaphore
 from .node import Node
 from .session import Session
@@ -18,6 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Node", "Session", "Data", "Record", "Change", "Lock", "Lease", "Semaphore", "RWLock", "Election", "Term", "LeaderInfo",
     "WatchStream",
-    "RaftsyncError", "BadRequest", "Closed", "Compacted", "ConfigError", "Conflict", "LockTimeout",
+    "RaftsyncError", "BadRequest", "Closed", "Compacted", "ConfigError", "ConfigWarning", "Conflict", "LockTimeout",
     "NoQuorum", "NotFound", "NotHeld", "SessionExpired", "Timeout", "TooLarge",
 ]

@@ -15,13 +15,14 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--nodes", default=3, show_default=True, type=click.Choice(["3", "5"]), help="Cluster size.")
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 9),
+              help="Cluster size (voters), 1 to 9; odd sizes tolerate the most failures per member.")
 @click.option("--keep-dir", is_flag=True, help="Keep the cluster's data dirs and logs afterwards.")
-def demo(nodes: str, keep_dir: bool) -> None:
+def demo(nodes: int, keep_dir: bool) -> None:
     """Start a local cluster (one process per node) and walk through the primitives."""
     from .demo import run_demo
 
-    sys.exit(run_demo(int(nodes), keep_dir))
+    sys.exit(run_demo(nodes, keep_dir))
 
 
 @main.group()

@@ -2,12 +2,18 @@
 
 Precedence: explicit arguments > ``RAFTSYNC_*`` environment > TOML file > defaults.
 Every problem raises :class:`ConfigError` naming the setting and why.
+
+``data_dir`` defaults, like etcd's ``<name>.etcd``, to ``raftsync-<host>_<port>`` in the
+working directory: a member restarted at the same address must find its term, vote and
+log again, or it may vote twice in one term. Memory only is ``data_dir=":memory:"``
+(argument, ``RAFTSYNC_DATA_DIR`` or TOML alike).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -15,6 +21,8 @@ from typing import Any
 from .errors import ConfigError
 
 ENGINES = ("process", "thread")
+MEMORY_ONLY = ":memory:"
+MAX_VOTERS = 9
 
 
 @dataclass
@@ -46,8 +54,8 @@ class NodeConfig:
         if self.self_address in self.peers:
             self.peers = [p for p in self.peers if p != self.self_address]
         voters = len(self.peers) + 1
-        if voters not in (1, 3, 5):
-            raise ConfigError("peers", f"a group has 1, 3 or 5 voters; this one would have {voters}")
+        if voters > MAX_VOTERS:
+            raise ConfigError("peers", f"a group has 1 to {MAX_VOTERS} voters; this one would have {voters}")
         if self.password is not None and (not isinstance(self.password, str) or not self.password):
             raise ConfigError("password", "must be a non-empty string")
         if self.password is None and not all(_is_loopback(a) for a in [self.self_address, *self.peers]):
@@ -71,9 +79,30 @@ class NodeConfig:
             raise ConfigError("bind_retries", "must be an int >= 1 (attempts, 0.5 s apart)")
         if not isinstance(self.compaction_min_entries, int) or self.compaction_min_entries < 2:
             raise ConfigError("compaction_min_entries", "must be an int >= 2")
-        if self.data_dir is not None:
+        if self.data_dir is None:
+            self.data_dir = default_data_dir(self.self_address)
+        elif not isinstance(self.data_dir, (str, os.PathLike)) or not os.fspath(self.data_dir):
+            raise ConfigError("data_dir", f"must be a directory path or {MEMORY_ONLY!r}, not {self.data_dir!r}")
+        else:
             self.data_dir = os.fspath(self.data_dir)
         return self
+
+    @property
+    def memory_only(self) -> bool:
+        return self.data_dir == MEMORY_ONLY
+
+    def start_warnings(self) -> list[str]:
+        """What a member with this config should warn about when it starts."""
+        voters = len(self.peers) + 1
+        messages = []
+        if voters % 2 == 0:
+            messages.append(f"a group of {voters} voters needs {voters // 2 + 1} for a quorum and so tolerates "
+                            f"no more failures than one of {voters - 1}; prefer an odd number")
+        if self.memory_only and voters > 1:
+            messages.append(f"{self.self_address} keeps its Raft term, vote and log in memory only "
+                            f"(data_dir={MEMORY_ONLY!r}): never restart it under the same address, or it may vote "
+                            f"twice in one term and a committed write can be lost")
+        return messages
 
     def engine_config(self) -> dict[str, Any]:
         """What the engine needs, as plain msgpack-able values."""
@@ -81,7 +110,7 @@ class NodeConfig:
             "self_address": self.self_address,
             "peers": list(self.peers),
             "password": self.password,
-            "data_dir": self.data_dir,
+            "data_dir": None if self.memory_only else self.data_dir,
             "election_timeout": list(self.election_timeout),
             "heartbeat_interval": self.heartbeat_interval,
             "compaction_min_entries": self.compaction_min_entries,
@@ -149,6 +178,13 @@ def _from_env(name: str, raw: str) -> Any:
         except ValueError:
             raise ConfigError(name, f"must be an integer, not {raw!r}") from None
     return raw
+
+
+def default_data_dir(self_address: str) -> str:
+    """``raftsync-<host>_<port>`` in the working directory, as an absolute path."""
+    host, port = self_address.rsplit(":", 1)
+    safe_host = re.sub(r"[^A-Za-z0-9.-]", "_", host.strip("[]"))
+    return os.path.abspath(f"raftsync-{safe_host}_{port}")
 
 
 def _check_address(setting: str, address: Any) -> None:

@@ -23,49 +23,57 @@ def run_demo(size: int = 3, keep_dir: bool = False) -> int:
         leader = cluster.leader()
         _say(f"cluster ready in {time.monotonic() - started:.2f}s; Raft leader is {leader.address}, "
              f"term {leader.call('status')['term']}")
-        first, second, third = cluster.nodes[0], cluster.nodes[1], cluster.nodes[2]
+        # Three roles; a smaller group plays several of them on one node (separate handles).
+        first, second, third = (cluster.nodes[i % size] for i in range(3))
+        a, b, c = (f"{n.index}" if size >= 3 else f"{n.index}/{role}"
+                   for n, role in zip((first, second, third), "abc"))
 
-        _say("nodes 0 and 1 campaign to lead the group 'scheduler'; every node observes it")
+        _say(f"nodes {a} and {b} campaign to lead the group 'scheduler'; every node observes it")
         for node in cluster.nodes:
             node.call("observe_start", name="demo", group="scheduler")
-        term = first.call("leader_campaign", handle="e", group="scheduler", candidate_id="node-0",
+        term = first.call("leader_campaign", handle="e0", group="scheduler", candidate_id=f"node-{a}",
                           value=b"10.0.0.1:8080")
-        _say(f"node 0 leads 'scheduler' with term {term}; others queue behind it")
+        _say(f"node {a} leads 'scheduler' with term {term}; others queue behind it")
         successor = {}
         waiting = threading.Thread(target=lambda: successor.setdefault("term", second.call(
-            "leader_campaign", handle="e", group="scheduler", candidate_id="node-1", timeout=30)))
+            "leader_campaign", handle="e1", group="scheduler", candidate_id=f"node-{b}", timeout=30)))
         waiting.start()
         time.sleep(0.2)
-        first.call("leader_resign", handle="e")
+        first.call("leader_resign", handle="e0")
         waiting.join(30)
-        _say(f"node 0 resigned; node 1 now leads with the larger term {successor['term']}")
+        _say(f"node {a} resigned; node {b} now leads with the larger term {successor['term']}")
         history = [e[3] for e in third.call("events") if e[1] == "observed"]
-        _say(f"node 2 observed every change in order: {[h[0] if h else None for h in history]}")
+        _say(f"node {c} observed every change in order: {[h[0] if h else None for h in history]}")
 
-        _say("lock hand-off: node 0 holds 'report', nodes 1 and 2 wait (FIFO, woken by notification)")
-        token = first.call("lock_acquire", handle="h", name="report")
-        _say(f"node 0 holds 'report' with fencing token {token}")
+        _say(f"lock hand-off: node {a} holds 'report', nodes {b} and {c} wait (FIFO, woken by notification)")
+        token = first.call("lock_acquire", handle="h0", name="report")
+        _say(f"node {a} holds 'report' with fencing token {token}")
         grants = {}
         waiters = []
-        for node in (second, third):
-            thread = threading.Thread(target=lambda n=node: grants.setdefault(n.index, n.call(
-                "lock_acquire", handle="h", name="report", timeout=30)))
+        for role, node in ((1, second), (2, third)):
+            thread = threading.Thread(target=lambda r=role, n=node: grants.setdefault(r, n.call(
+                "lock_acquire", handle=f"h{r}", name="report", timeout=30)))
             thread.start()
             waiters.append(thread)
             time.sleep(0.1)
-        first.call("lock_release", handle="h")
+        first.call("lock_release", handle="h0")
         waiters[0].join(30)
-        _say(f"node 1 got it next with token {grants[1]} (> {token}); a storage server fencing on "
-             f"tokens would now refuse node 0's")
-        second.call("lock_release", handle="h")
+        _say(f"node {b} got it next with token {grants[1]} (> {token}); a storage server fencing on "
+             f"tokens would now refuse node {a}'s")
+        second.call("lock_release", handle="h1")
         waiters[1].join(30)
-        _say(f"then node 2 with token {grants[2]}")
-        third.call("lock_release", handle="h")
+        _say(f"then node {c} with token {grants[2]}")
+        third.call("lock_release", handle="h2")
 
-        version, revision = first.call("kv_write", key="greeting", value=b"hello from node 0")
-        _say(f"node 0 wrote greeting (version {version}, revision {revision})")
+        version, revision = first.call("kv_write", key="greeting", value=f"hello from node {a}".encode())
+        _say(f"node {a} wrote greeting (version {version}, revision {revision})")
         value, version, revision = second.call("kv_read", key="greeting")
-        _say(f"node 1 read it back linearizably: {value.decode()!r} (version {version}, revision {revision})")
+        _say(f"node {b} read it back linearizably: {value.decode()!r} (version {version}, revision {revision})")
+
+        if size < 3:
+            _say(f"a group of {size} has no spare member (its quorum is {size}): skipping the leader kill")
+            _say("demo finished")
+            return 0
 
         _say(f"killing the Raft leader {leader.address} (SIGKILL, app and engine)")
         killed_at = time.monotonic()

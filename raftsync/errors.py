@@ -76,3 +76,8 @@ class Closed(RaftsyncError):
 
 class BadRequest(RaftsyncError, ValueError):
     """The state machine rejected a malformed or unknown command."""
+
+
+class ConfigWarning(UserWarning):
+    """A setting is allowed but risky (an even group size, a memory-only member of a group);
+    issued with :func:`warnings.warn` when a node starts."""

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from typing import Any
 
 from .config import NodeConfig, load_config
 from .data import Data
-from .errors import Closed, RaftsyncError
+from .errors import Closed, ConfigWarning, RaftsyncError
 from .leader import Election
 from .lock import Lock, RWLock, Semaphore
 from .replica import Replica, deadline_after
@@ -49,6 +50,8 @@ class Node:
             if self._closed:
                 raise Closed("node is closed")
             if not self._started:
+                for message in self.config.start_warnings():
+                    warnings.warn(message, ConfigWarning, stacklevel=2)
                 self._replica.start()
                 self._started = True
         return self

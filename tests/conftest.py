@@ -1,9 +1,21 @@
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
 from cluster import LocalCluster
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_default_data_dir_in_the_checkout():
+    """A Node without data_dir keeps its state in ./raftsync-<host>_<port>: every test must
+    pass a temporary data_dir (or ':memory:') so the suite never writes into the checkout."""
+    places = {Path.cwd(), Path(__file__).resolve().parent.parent}
+    before = {path for place in places for path in place.glob("raftsync-*")}
+    yield
+    created = {path for place in places for path in place.glob("raftsync-*")} - before
+    assert not created, f"a test started a node without data_dir: {sorted(map(str, created))}"
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ from ..machine.effects import SessionEnded
 from ..machine.table import Reader
 from . import lifeline
 from .deadlines import Deadlines
+from .durability import DurabilityMixin
 from .replication import ReplicationFixes
 from .watches import Watches
 
@@ -136,7 +137,7 @@ def build_conf(config: dict[str, Any], in_process: bool) -> SyncObjConf:
     )
 
 
-class _RaftNode(ReplicationFixes, SyncObj):
+class _RaftNode(ReplicationFixes, DurabilityMixin, SyncObj):
     pass
 
 

@@ -55,7 +55,7 @@ def test_wrong_types_and_sizes_raise_typed_errors_and_the_node_keeps_serving(nod
 
 
 def test_calls_after_close_raise_closed(tmp_path):
-    member = Node(f"127.0.0.1:{free_ports(1)[0]}", peers=[], engine="thread", session_ttl=3)
+    member = Node(f"127.0.0.1:{free_ports(1)[0]}", peers=[], engine="thread", session_ttl=3, data_dir=tmp_path)
     member.start().wait_ready(10)
     kv, lock = member.data(), member.lock("l")
     member.close()
@@ -86,7 +86,7 @@ def test_port_in_use_is_a_config_error_naming_the_address(tmp_path):
     address = f"127.0.0.1:{blocker.getsockname()[1]}"
     try:
         with pytest.raises(ConfigError, match="self_address"):
-            Node(address, peers=[], engine="thread", bind_retries=1).start()
+            Node(address, peers=[], engine="thread", bind_retries=1, data_dir=tmp_path).start()
     finally:
         blocker.close()
 

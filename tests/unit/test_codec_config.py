@@ -48,7 +48,7 @@ def test_config_precedence_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="password"):
         load_config({"self_address": "10.0.0.1:9001", "peers": ["10.0.0.2:9001", "10.0.0.3:9001"]}, {})
     with pytest.raises(ConfigError, match="peers"):
-        load_config({"self_address": "127.0.0.1:9001", "peers": ["127.0.0.1:9002"]}, {})
+        load_config({"self_address": "127.0.0.1:9001", "peers": [f"127.0.0.1:{9002 + i}" for i in range(9)]}, {})
     with pytest.raises(ConfigError, match="engine"):
         load_config({"self_address": "127.0.0.1:9001", "engine": "fiber"}, {})
     with pytest.raises(ConfigError, match="session_ttl"):
