@@ -76,3 +76,10 @@ class Closed(RaftsyncError):
 
 class BadRequest(RaftsyncError, ValueError):
     """The state machine rejected a malformed or unknown command."""
+
+
+class ClockUnsynchronized(RaftsyncError):
+    """A clock cannot give the time within a known error bound: no NTP poll has
+    succeeded, the responding servers do not agree (no majority), or the local kernel
+    reports its clock unsynchronized. ``now_interval()`` raises it rather than invent
+    a bound; ``physical_time()`` still answers, best effort."""
