@@ -34,8 +34,8 @@ Guarantees of ``NtpClock``:
   majority hull is used instead: wider only where the answers are ambiguous.
 - Never hung on. A daemon thread polls every server in parallel, each query bounded by
   ``timeout``, every ``poll_interval`` seconds; the first round starts when the clock
-  is made. ``now()``/``now_interval()`` wait for that first round only (at most
-  ``timeout`` + 0.1 s) and never for later ones; a server whose name resolution hangs
+  is made. ``now()``/``now_interval()`` wait for that first round only (until at
+  most ``timeout`` + 0.6 s after the clock was made) and never for later ones; a server whose name resolution hangs
   is reported and skipped until its stuck query returns.
 - Honest when unsure. With no agreeing majority in any round so far (no answers, or
   answers that disagree) ``now()``/``now_interval()``/``time()`` raise
@@ -87,6 +87,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # A round may finish this long after ``timeout``: the query threads' sockets time out
 # at ``timeout`` and need a moment to report it.
 _ROUND_GRACE = 0.1
+# The first read waits for the first round until that round's deadline plus this
+# (the poller thread may be slow to publish the result on a loaded machine).
+_FIRST_READ_SLACK = 0.5
 # Two floats ~3.9e9 (NTP seconds) differ by 4.8e-7 s per ulp: timestamps that went
 # through ntplib's float arithmetic are compared with this slack.
 _FLOAT_SLACK = 1e-5
@@ -205,12 +208,20 @@ _TIME_ERROR = 5          # adjtimex's answer when the clock is not synchronized
 _STA_UNSYNC = 0x0040
 
 
+_adjtimex: Any = None
+
+
 def _kernel_max_error() -> tuple[float | None, str]:
     """(the kernel's maximum error of the wall clock in seconds, or None; why not)."""
-    try:
-        adjtimex = ctypes.CDLL(None, use_errno=True).adjtimex
-    except Exception:  # not Linux (no adjtimex), or no C library to load
+    global _adjtimex
+    if _adjtimex is None:
+        try:
+            _adjtimex = ctypes.CDLL(None, use_errno=True).adjtimex
+        except Exception:  # not Linux (no adjtimex), or no C library to load
+            _adjtimex = False
+    if _adjtimex is False:
         return None, "this platform does not report its clock's error (no adjtimex)"
+    adjtimex = _adjtimex
     timex = _Timex()     # modes = 0: a read-only query, no privilege needed
     state = adjtimex(ctypes.byref(timex))
     if state < 0:
@@ -391,7 +402,7 @@ class NtpClock(Clock):
     """UTC from several NTP servers, combined by interval intersection (see module doc).
 
     ``servers``: ``"host"``, ``"host:port"`` or ``(host, port)``; ``timeout``: seconds
-    per query (and the longest the first ``now()`` waits); ``poll_interval``: seconds
+    per query (the first ``now()`` waits for the first round: about that long); ``poll_interval``: seconds
     between rounds; ``drift_ppm``: the assumed worst rate error of this host's
     monotonic clock; ``min_agreeing``: a round also needs at least this many servers
     agreeing (a majority of one is one server's word); ``version``: NTP version sent.
@@ -435,6 +446,9 @@ class NtpClock(Clock):
             for _ in self._servers]
         self._queries: list[threading.Thread | None] = [None] * len(self._servers)
         self._first_round = threading.Event()
+        # The first round's deadline counts from here, so the first read knows how
+        # long it may have to wait however late the poller thread gets going.
+        self._first_deadline = _time.monotonic() + self.timeout + _ROUND_GRACE
         self._poller = threading.Thread(target=self._poll_loop, name="raftsync-ntp-poller", daemon=True)
         self._poller.start()
 
@@ -444,7 +458,7 @@ class NtpClock(Clock):
         if self._closed:
             raise Closed("NtpClock is closed")
         # Only the first round is ever waited for, and it is bounded by the timeout.
-        self._first_round.wait(self.timeout + _ROUND_GRACE)
+        self._first_round.wait(max(0.0, self._first_deadline + _FIRST_READ_SLACK - _time.monotonic()))
         with self._cond:
             estimate, problem = self._estimate, self._problem
         if estimate is None:
@@ -522,6 +536,7 @@ class NtpClock(Clock):
             self._poller.join(self.timeout + 1.0)
 
     def _poll_loop(self) -> None:
+        deadline = self._first_deadline
         while True:
             with self._cond:
                 if self._closed:
@@ -529,7 +544,7 @@ class NtpClock(Clock):
                 self._round_running = True
                 self._poll_requested = False
             try:
-                self._run_round()
+                self._run_round(deadline)
             except Exception as exc:  # the poller must outlive anything a round does
                 with self._cond:
                     self._problem = f"polling round failed: {exc!r}"
@@ -540,11 +555,11 @@ class NtpClock(Clock):
             self._first_round.set()
             with self._cond:
                 self._cond.wait_for(lambda: self._closed or self._poll_requested, self.poll_interval)
+            deadline = _time.monotonic() + self.timeout + _ROUND_GRACE
         self._first_round.set()
 
-    def _run_round(self) -> None:
+    def _run_round(self, deadline: float) -> None:
         answers = _Round(len(self._servers))
-        deadline = _time.monotonic() + self.timeout + _ROUND_GRACE
         for index, (host, port) in enumerate(self._servers):
             previous = self._queries[index]
             if previous is not None and previous.is_alive():

@@ -97,6 +97,9 @@ class FakeServers:
         kind, value, extra = self.behaviour[port]
         if kind == "timeout":
             raise ntplib.NTPException(f"No response received from {host}.")
+        if kind == "hang":                  # e.g. name resolution that outlasts the timeout
+            threading.Event().wait(20 * timeout)
+            raise ntplib.NTPException(f"No response received from {host}.")
         sent = time.time()
         stats = ntplib.NTPStats()
         stats.mode, stats.stratum, stats.leap, stats.precision = 4, 2, 0, -20
@@ -146,6 +149,18 @@ def test_ntpclock_combines_servers_and_names_the_falseticker(fake_ntp):
     assert [s.falseticker for s in status.servers] == [False, False, False, True]
     assert "falseticker" in status.servers[3].problem
     assert abs(status.offset - 0.5) <= status.error
+
+
+def test_the_first_read_waits_out_a_hanging_server(fake_ntp):
+    # The first round lasts until its deadline (one query hangs); a read made right
+    # after the clock must wait for that round rather than give up a moment too early.
+    clock = fake_ntp([("ok", 0.5), ("ok", 0.5), ("ok", 0.5), ("hang", 0)], timeout=0.3)
+    started = time.monotonic()
+    clock.now_interval()
+    assert time.monotonic() - started < 2.0
+    assert clock.status().servers[3].problem == "no answer within 0.3 s"
+    # the next round does not pile a second query onto the hanging one
+    assert "previous query has not returned" in clock.poll().servers[3].problem
 
 
 def test_ntpclock_bound_adds_root_delay_dispersion_round_trip_and_precision(fake_ntp):
