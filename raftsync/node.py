@@ -78,9 +78,11 @@ class Node:
                 return
             self._closed = True
             if self._started:
-                self._replica.close(timeout)
-                if self._owns_clock:
-                    self._clock.close()
+                try:
+                    self._replica.close(timeout)
+                finally:
+                    if self._owns_clock:
+                        self._clock.close()
 
     def __enter__(self) -> "Node":
         self.start()
