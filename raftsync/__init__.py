@@ -11,6 +11,8 @@ from .errors import (BadRequest, Closed, Compacted, ConfigError, ConfigWarning, 
 from .lock import Lease, Lock, RWLock, Semaphore
 from .node import Node
 from .session import Session
+from .errors import ClockUnsynchronized
+from .time import Clock, HLCTimestamp, HybridLogicalClock, LocalClock, NtpClock, TimeInterval
 from .watch import WatchStream
 
 __version__ = "0.1.0"
@@ -20,4 +22,5 @@ __all__ = [
     "WatchStream",
     "RaftsyncError", "BadRequest", "Closed", "Compacted", "ConfigError", "ConfigWarning", "Conflict", "LockTimeout",
     "NoQuorum", "NotFound", "NotHeld", "SessionExpired", "Timeout", "TooLarge",
+    "Clock", "LocalClock", "NtpClock", "TimeInterval", "HybridLogicalClock", "HLCTimestamp", "ClockUnsynchronized",
 ]

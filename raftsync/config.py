@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
+from .time import parse_server
 
 ENGINES = ("process", "thread")
 MEMORY_ONLY = ":memory:"
@@ -43,6 +44,7 @@ class NodeConfig:
     start_timeout: float = 15.0
     bind_retries: int = 20
     test_hooks: bool = False
+    ntp_servers: list[str] = field(default_factory=list)   # node.time: NtpClock over these, else LocalClock
 
     def validate(self) -> "NodeConfig":
         _check_address("self_address", self.self_address)
@@ -85,6 +87,13 @@ class NodeConfig:
             raise ConfigError("data_dir", f"must be a directory path or {MEMORY_ONLY!r}, not {self.data_dir!r}")
         else:
             self.data_dir = os.fspath(self.data_dir)
+        if isinstance(self.ntp_servers, str) or not isinstance(self.ntp_servers, (list, tuple)):
+            raise ConfigError("ntp_servers", "must be a list of 'host' or 'host:port' strings")
+        for server in self.ntp_servers:
+            if not isinstance(server, str):
+                raise ConfigError("ntp_servers", f"{server!r} is not a 'host' or 'host:port' string")
+            parse_server(server, "ntp_servers")
+        self.ntp_servers = [s.strip() for s in self.ntp_servers]
         return self
 
     @property
@@ -128,6 +137,7 @@ _ENV = {
     "RAFTSYNC_ENGINE": "engine",
     "RAFTSYNC_COMPACTION_MIN_ENTRIES": "compaction_min_entries",
     "RAFTSYNC_QUORUM_TIMEOUT": "quorum_timeout",
+    "RAFTSYNC_NTP_SERVERS": "ntp_servers",
 }
 _FIELDS = {f.name for f in fields(NodeConfig)}
 
@@ -165,7 +175,7 @@ def _read_toml(path: str) -> dict[str, Any]:
 
 
 def _from_env(name: str, raw: str) -> Any:
-    if name == "peers":
+    if name in ("peers", "ntp_servers"):
         return [p.strip() for p in raw.split(",") if p.strip()]
     if name in ("session_ttl", "quorum_timeout"):
         try:

@@ -92,6 +92,7 @@ def run_demo(size: int = 3, keep_dir: bool = False) -> int:
         leader.call("wait_ready", timeout=20)
         value = leader.call("kv_read", key="after-failover")[0]
         _say(f"restarted {leader.address} caught up: after-failover = {value.decode()!r}")
+        _show_synchronized_time()
         _say("demo finished")
         return 0
     except Exception as exc:
@@ -105,3 +106,24 @@ def run_demo(size: int = 3, keep_dir: bool = False) -> int:
             _say(f"data dirs and logs kept in {cluster.base_dir}")
         else:
             cluster.cleanup()
+
+
+def _show_synchronized_time() -> None:
+    """An NTP-bounded interval from loopback servers this demo starts (no internet here)."""
+    from cluster.ntp import NtpResponder
+    from raftsync import NtpClock
+
+    responders = [NtpResponder(0.25, root_dispersion=0.002).start() for _ in range(3)]
+    responders.append(NtpResponder(3600.0).start())
+    try:
+        _say("time: an NtpClock over four loopback NTP servers: three run 0.25 s ahead of this host, "
+             "one is an hour off")
+        with NtpClock([r.address for r in responders], timeout=1.0) as clock:
+            earliest, latest = clock.now_interval()
+            status = clock.status()
+            dropped = ", ".join(s.server for s in status.servers if s.falseticker)
+            _say(f"now_interval(): {earliest:%H:%M:%S.%f} .. {latest:%H:%M:%S.%f} UTC "
+                 f"(+/-{status.error * 1000:.2f} ms), offset {status.offset:+.4f} s; falseticker dropped: {dropped}")
+    finally:
+        for responder in responders:
+            responder.close()

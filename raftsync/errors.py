@@ -81,3 +81,10 @@ class BadRequest(RaftsyncError, ValueError):
 class ConfigWarning(UserWarning):
     """A setting is allowed but risky (an even group size, a memory-only member of a group);
     issued with :func:`warnings.warn` when a node starts."""
+
+
+class ClockUnsynchronized(RaftsyncError):
+    """A clock cannot give the time within a known error bound: no NTP poll has
+    succeeded, the responding servers do not agree (no majority), or the local kernel
+    reports its clock unsynchronized. ``now_interval()`` raises it rather than invent
+    a bound; ``physical_time()`` still answers, best effort."""

@@ -9,11 +9,12 @@ from typing import Any
 
 from .config import NodeConfig, load_config
 from .data import Data
-from .errors import Closed, ConfigWarning, RaftsyncError
+from .errors import Closed, ConfigError, ConfigWarning, RaftsyncError
 from .leader import Election
 from .lock import Lock, RWLock, Semaphore
 from .replica import Replica, deadline_after
 from .session import Session
+from .time import Clock, HLCTimestamp, HybridLogicalClock, clock_from_config
 
 
 class Node:
@@ -29,10 +30,17 @@ class Node:
                  password: str | None = None, data_dir: str | None = None,
                  session_ttl: float | None = None, engine: str | None = None,
                  config_file: str | None = None, environ: dict[str, str] | None = None,
-                 **settings: Any) -> None:
+                 clock: Clock | None = None, **settings: Any) -> None:
         arguments = dict(self_address=self_address, peers=peers, password=password, data_dir=data_dir,
                          session_ttl=session_ttl, engine=engine, **settings)
         self.config: NodeConfig = load_config(arguments, environ, config_file)
+        if clock is not None and not isinstance(clock, Clock):
+            raise ConfigError("clock", f"must be a raftsync.time.Clock, not {clock!r}")
+        if clock is not None and self.config.ntp_servers:
+            raise ConfigError("clock", "give either clock= or ntp_servers, not both")
+        self._clock = clock             # a clock passed in stays the caller's to close
+        self._owns_clock = False
+        self._hlc: HybridLogicalClock | None = None
         self._replica = Replica(self.config)
         self._started = False
         self._closed = False
@@ -53,6 +61,9 @@ class Node:
                 for message in self.config.start_warnings():
                     warnings.warn(message, ConfigWarning, stacklevel=2)
                 self._replica.start()
+                if self._clock is None:
+                    self._clock, self._owns_clock = clock_from_config(self.config), True
+                self._hlc = HybridLogicalClock(self._clock)
                 self._started = True
         return self
 
@@ -70,7 +81,11 @@ class Node:
                 return
             self._closed = True
             if self._started:
-                self._replica.close(timeout)
+                try:
+                    self._replica.close(timeout)
+                finally:
+                    if self._owns_clock:
+                        self._clock.close()
 
     def __enter__(self) -> "Node":
         self.start()
@@ -100,6 +115,20 @@ class Node:
     @property
     def engine_pid(self) -> int | None:
         return self._replica.engine_pid
+
+    @property
+    def time(self) -> Clock:
+        """This node's clock: ``clock=`` if given, an ``NtpClock`` over the
+        ``ntp_servers`` setting, else a ``LocalClock`` (see ``raftsync.time``)."""
+        self._require_started()
+        return self._clock
+
+    def hlc(self, received: HLCTimestamp | list[int] | None = None) -> HLCTimestamp:
+        """A new stamp from this node's hybrid logical clock (driven by ``node.time``):
+        larger than every stamp this node issued before, and larger than ``received``
+        (a stamp from another node, merged in: pass it when you receive a message)."""
+        self._require_started()
+        return self._hlc.now() if received is None else self._hlc.update(received)
 
     # -- factories -------------------------------------------------------------------
 
