@@ -207,10 +207,6 @@ class Agent:
             threading.Thread(target=run, args=(index,), daemon=True).start()
         return True
 
-    def op_drop_replies(self, count: int) -> bool:
-        self.node._replica.test_drop_replies(count)
-        return True
-
     def op_test_hook(self, name: str, args: dict[str, Any] | None = None, **more: Any) -> Any:
         """Arm a test hook in this node's engine (engine/core.py _TEST_HOOKS, or the Raft
         message hooks of engine/faults.py); the node must run with test_hooks=True."""

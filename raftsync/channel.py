@@ -15,6 +15,7 @@ Engine -> app:  READY info | FATAL message | RESULT req bytes | FAILED req reaso
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import threading
@@ -194,7 +195,11 @@ class BlockingChannel:
                 return None
             if not data:
                 return None
-            self._pending.extend(self._decoder.feed(data))
+            try:
+                self._pending.extend(self._decoder.feed(data))
+            except Exception as exc:  # a garbled stream cannot be resynchronised: treat as closed
+                logging.getLogger("raftsync.channel").error("bad frame from the engine: %s", exc)
+                return None
         return self._pending.popleft()
 
     def abandon(self) -> None:

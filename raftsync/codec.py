@@ -20,8 +20,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import (BadRequest, Conflict, NotFound, NotHeld, OutcomeUnknown, RaftsyncError, SessionExpired,
-                     TooLarge)
+from .errors import BadRequest, Conflict, NotFound, NotHeld, RaftsyncError, SessionExpired, TooLarge
 
 CODEC_VERSION = 1
 MAX_COMMAND_BYTES = 48 * 1024
@@ -168,8 +167,6 @@ def raise_for_status(status: int, payload: Any, what: str = "") -> None:
         raise NotHeld(what or "not held")
     if status == Status.SESSION_EXPIRED:
         raise SessionExpired(what or "session expired")
-    if status == Status.STALE:
-        raise OutcomeUnknown(f"{what}: its result is no longer known; it may have applied")
     if status == Status.TOO_LARGE:
         raise TooLarge(detail)
     if status == Status.BAD_COMMAND:

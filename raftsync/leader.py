@@ -72,6 +72,7 @@ class Term(Grant):
         resignation was not applied by the deadline (it keeps being proposed in the
         background until it applies or the session ends; resigning again is a no-op)."""
         check_timeout(timeout)
+        self._election._replica.check_owner()
         self._election._resign(self, timeout)
 
     def proclaim(self, value: bytes, timeout: float | None = None) -> None:
@@ -119,6 +120,7 @@ class Election(Claimant):
             self._give_back(term, timeout)
 
     def _proclaim(self, term: Term, value: bytes, timeout: float | None) -> None:
+        self._replica.check_owner()
         if term.revoked.is_set():
             raise NotHeld(f"leadership of {self.group!r} is over")
         status, payload = self._replica.submit(term.session, Op.LEADER_PROCLAIM,

@@ -35,7 +35,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from .errors import BadRequest, LockTimeout, NotHeld
+from .errors import BadRequest, LockTimeout, NotHeld, OutcomeUnknown
 from .ownership import Claimant, Grant, check_name, check_timeout
 from .replica import Replica
 from .session import Session
@@ -116,7 +116,13 @@ class _Handle(Claimant):
                 self._holds -= 1
                 return
             self._lease, self._holds, self._releasing = None, 0, lease
-            self._give_back(lease, timeout)
+            try:
+                self._give_back(lease, timeout)
+            except OutcomeUnknown:
+                raise  # still being released: releasing again is a no-op
+            except BaseException:
+                self._releasing = None
+                raise
             self._releasing = None
 
     @property

@@ -58,15 +58,14 @@ class Grant:
 
 
 class _Waiter:
-    __slots__ = ("event", "token", "kept", "decided")
+    __slots__ = ("event", "token", "outcome")
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.token = 0
-        # whether the caller took a grant it saw although its acquire went unanswered;
-        # ``decided`` is set once it chose
-        self.kept = False
-        self.decided = threading.Event()
+        # for an acquire that went unanswered: "kept" (the caller took the grant it saw)
+        # or "abandoned" (settling withdraws it), decided once by whoever comes first
+        self.outcome: str | None = None
 
 
 class OwnershipTable:
@@ -82,7 +81,7 @@ class OwnershipTable:
         self.waiters: dict[Key, _Waiter] = {}
         self.grants: dict[Key, Grant] = {}
         # claims, withdrawals and releases still being settled in the background
-        self.settling: dict[Key, threading.Event] = {}
+        self.settling: dict[Key, list[threading.Event]] = {}
         # the machine's Granted/Released effects of this kind's table, as notices
         replica.on_notice(f"{kind}_granted", self._on_granted)
         replica.on_notice(f"{kind}_released", self._on_released)
@@ -134,49 +133,51 @@ class OwnershipTable:
     def _begin_settling(self, key: Key) -> threading.Event:
         settled = threading.Event()
         with self.guard:
-            self.settling[key] = settled
+            self.settling.setdefault(key, []).append(settled)
         return settled
 
     def _end_settling(self, key: Key, settled: threading.Event) -> None:
         with self.guard:
-            if self.settling.get(key) is settled:
-                del self.settling[key]
+            pending = self.settling.get(key)
+            if pending is not None and settled in pending:
+                pending.remove(settled)
+                if not pending:
+                    del self.settling[key]
         settled.set()
 
-    def _wait_settled(self, key: Key, deadline: float) -> bool:
+    def _wait_settled(self, key: Key, deadline: float, started: float) -> bool:
+        """Wait until nothing of this key is being settled any more (every pending claim,
+        withdrawal and release); NoQuorum rules as for any wait."""
         while True:
             with self.guard:
-                settled = self.settling.get(key)
-            if settled is None:
+                pending = list(self.settling.get(key, ()))
+            if not pending:
                 return True
-            if not settled.wait(max(0.0, deadline - time.monotonic())):
-                return False
+            for settled in pending:
+                if not self.replica.wait_for(settled, deadline, started):
+                    return False
 
     def _propose_in_background(self, session: Session, key: Key, op: int, args: list[Any], what: str) -> None:
         """Propose a release or withdrawal off the caller's thread, until it applies or the
         session is lost; the handle's next claim waits for it."""
         settled = self._begin_settling(key)
 
-        def done(status: int | None, payload: Any) -> None:
-            self._end_settling(key, settled)
-
         def run() -> None:
             try:
                 self.replica.finish(session, op, args, time.monotonic() + self.replica.config.quorum_timeout,
-                                    what, on_done=done)
-            except OutcomeUnknown:
-                return  # finish goes on in the background and calls done
+                                    what, on_done=lambda status, payload: self._end_settling(key, settled))
             except RaftsyncError:
-                pass  # the session is lost or the node closed: the cluster releases it
-            done(None, None)
+                pass  # finish goes on in the background, or gave up (session lost, node closed)
 
         threading.Thread(target=run, name="raftsync-settle", daemon=True).start()
 
     # -- claim --------------------------------------------------------------------------
 
     def claim(self, session: Session, name: str, handle_id: int, acquire_op: int, args: list[Any],
-              deadline: float, try_once: bool, timeout_error: Callable[[str], Exception]) -> int:
-        """Propose ``acquire_op`` with ``args`` and wait for the grant; returns its token.
+              deadline: float, try_once: bool, timeout_error: Callable[[str], Exception],
+              make_grant: Callable[[int, Session], Grant]) -> Grant:
+        """Propose ``acquire_op`` with ``args``, wait for the grant and hold it as
+        ``make_grant(token, session)``.
 
         ``args`` must end with the ``wait`` flag. ``try_once`` asks once (the request may
         still use one attempt's time). Raises ``timeout_error``, NoQuorum, SessionExpired or
@@ -185,7 +186,8 @@ class OwnershipTable:
         """
         key = (session.id, handle_id, name)
         what = f"{self.kind} {name!r}"
-        if not self._wait_settled(key, deadline):
+        started = time.monotonic()
+        if not self._wait_settled(key, deadline, started):
             raise timeout_error(f"{name!r}: this handle's previous claim or release is still being settled")
         waiter = _Waiter()
         settled = self._begin_settling(key)
@@ -193,10 +195,14 @@ class OwnershipTable:
             self.waiters[key] = waiter
 
         def after_unknown(status: int | None, token: Any) -> None:
-            # The unanswered acquire is answered now (or its session is gone): unless the
-            # caller took the grant, withdraw whatever it did (queued or granted).
-            waiter.decided.wait(5.0)  # set by the caller right after submit raised
-            if status is not None and not waiter.kept:
+            # The unanswered acquire is answered now (or its session is gone). Whoever of
+            # this and the caller decides first decides: unless the caller took the grant
+            # it saw, withdraw whatever the acquire did (queued or granted).
+            with self.guard:
+                if waiter.outcome is None:
+                    waiter.outcome = "abandoned"
+                kept = waiter.outcome == "kept"
+            if status is not None and not kept:
                 self._propose_in_background(session, key, self.withdraw_op, [name, handle_id], f"withdraw {what}")
             self._end_settling(key, settled)
 
@@ -210,54 +216,48 @@ class OwnershipTable:
             except OutcomeUnknown:
                 unanswered = True
                 with self.guard:
-                    waiter.kept = bool(waiter.token)  # its grant was applied and seen: it is ours
-                waiter.decided.set()
-                if waiter.kept:
-                    return waiter.token
-                raise
-            raise_for_status(status, token, what)
-            if token:
-                return token
-            if try_once:
-                raise timeout_error(f"{name!r} is held by another owner")
-            return self._wait(waiter, session, key, deadline, timeout_error)
+                    if waiter.outcome is None:  # its grant was applied and seen: it is ours
+                        waiter.outcome = "kept" if waiter.token else "abandoned"
+                    if waiter.outcome != "kept":
+                        raise
+                    token = waiter.token
+            else:
+                raise_for_status(status, token, what)
+                if not token:
+                    if try_once:
+                        raise timeout_error(f"{name!r} is held by another owner")
+                    token = self._wait(waiter, session, key, deadline, started, timeout_error)
+            with self.guard:  # held from the moment nobody waits: no notice falls in between
+                self.waiters.pop(key, None)
+                grant = self.grants[key] = make_grant(token, session)
+            if session.lost.is_set():
+                self._end(grant)
+            return grant
         finally:
             with self.guard:
                 self.waiters.pop(key, None)
             if not unanswered:
                 self._end_settling(key, settled)
 
-    def _wait(self, waiter: _Waiter, session: Session, key: Key, deadline: float,
+    def _wait(self, waiter: _Waiter, session: Session, key: Key, deadline: float, started: float,
               timeout_error: Callable[[str], Exception]) -> int:
         _, handle_id, name = key
-        quorum_timeout = self.replica.config.quorum_timeout
-        while True:
-            unavailable = self.replica.unavailable_for()
-            now = time.monotonic()
-            # Wake in time to notice a lost cluster, too.
-            if waiter.event.wait(max(0.0, min(deadline - now, quorum_timeout - unavailable + 0.01))):
+        try:
+            granted = self.replica.wait_for(waiter.event, deadline, started)
+        except NoQuorum as exc:
+            error: Exception = NoQuorum(f"while waiting for {name!r}: {exc}")
+        else:
+            if granted:
                 if waiter.token:
                     return waiter.token
                 raise SessionExpired(f"session lost while waiting for {name!r}")
-            if self.replica.unavailable_for() >= quorum_timeout:
-                error: Exception = NoQuorum(f"no quorum while waiting for {name!r}")
-            elif time.monotonic() >= deadline:
-                error = timeout_error(f"{name!r} not acquired within the timeout")
-            else:
-                continue
-            # A grant that raced the deadline is released by the withdrawal itself.
-            self._propose_in_background(session, key, self.withdraw_op, [name, handle_id],
-                                        f"withdraw {self.kind} {name!r}")
-            raise error
+            error = timeout_error(f"{name!r} not acquired within the timeout")
+        # A grant that raced the deadline is released by the withdrawal itself.
+        self._propose_in_background(session, key, self.withdraw_op, [name, handle_id],
+                                    f"withdraw {self.kind} {name!r}")
+        raise error
 
     # -- holding and releasing ------------------------------------------------------------
-
-    def hold(self, session: Session, handle_id: int, grant: Grant) -> None:
-        key = (session.id, handle_id, grant.name)
-        with self.guard:
-            self.grants[key] = grant
-        if session.lost.is_set():
-            self._end(grant)
 
     def forget(self, handle_id: int, grant: Grant) -> None:
         key = (grant.session.id, handle_id, grant.name)
@@ -274,16 +274,9 @@ class OwnershipTable:
         what = f"release {self.kind} {grant.name!r}"
         self.forget(handle_id, grant)
         settled = self._begin_settling(key)
-        try:
-            status, payload = self.replica.finish(grant.session, self.release_op,
-                                                  [grant.name, handle_id, grant.token], deadline, what,
-                                                  on_done=lambda status, payload: self._end_settling(key, settled))
-        except OutcomeUnknown:
-            raise
-        except BaseException:
-            self._end_settling(key, settled)
-            raise
-        self._end_settling(key, settled)
+        status, payload = self.replica.finish(grant.session, self.release_op, [grant.name, handle_id, grant.token],
+                                              deadline, what,
+                                              on_done=lambda status, payload: self._end_settling(key, settled))
         if status in (Status.SESSION_EXPIRED, Status.NOT_HELD):
             raise not_held(f"{grant.name!r} was no longer held (lost lease or session)")
         raise_for_status(status, payload, what)
@@ -314,10 +307,8 @@ class Claimant:
         grant ``make_grant(token, session)``. Call with ``_mutex`` held."""
         deadline = deadline_after(timeout)
         session = session_for(self._replica, self._fixed_session, self.ttl, deadline)
-        token = self._table.claim(session, self.name, self._handle_id, _OPS[self._kind][0], args, deadline,
-                                  timeout == 0, timeout_error)
-        grant = make_grant(token, session)
-        self._table.hold(session, self._handle_id, grant)
+        grant = self._table.claim(session, self.name, self._handle_id, _OPS[self._kind][0], args, deadline,
+                                  timeout == 0, timeout_error, make_grant)
         if grant._ended.is_set():
             self._table.forget(self._handle_id, grant)
             raise SessionExpired(f"session lost while acquiring {self.name!r}")

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from .channel import BlockingChannel, ChannelClosed, Failure, Msg
+from .channel import BlockingChannel, ChannelClosed, ChannelStalled, Failure, Msg
 from .codec import NOT_APPLIED, Status, decode_result, encode_command
 from .config import NodeConfig
 from .errors import (BadRequest, Closed, ConfigError, NoQuorum, OutcomeUnknown, QuorumLostOutcomeUnknown,
@@ -44,11 +44,26 @@ INFINITY = float("inf")
 
 
 class _Pending:
-    __slots__ = ("event", "reply")
+    """The reply one call waits for. Every attempt of the call registers its request id
+    here, so an answer to any attempt, however late, completes the call: under a slow
+    commit the first attempt's answer arrives after the second attempt went out."""
+
+    __slots__ = ("event", "reply", "latest")
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.reply: list[Any] | None = None
+        self.latest = 0  # the request id of the newest attempt
+
+    def take_failure(self) -> list[Any] | None:
+        """The newest attempt's FAILED reply, cleared for the next attempt (None if the
+        call holds a RESULT or nothing)."""
+        reply = self.reply
+        if reply is None or reply[0] != Msg.FAILED:
+            return None
+        self.reply = None
+        self.event.clear()
+        return reply
 
 
 class Replica:
@@ -214,9 +229,11 @@ class Replica:
         if kind in (Msg.RESULT, Msg.FAILED):
             with self._requests_lock:
                 pending = self._requests.get(message[1])
-            if pending is not None:
-                pending.reply = message
-                pending.event.set()
+                # A failure of an older attempt is moot: a newer one is under way.
+                if pending is not None and pending.reply is None and (
+                        kind == Msg.RESULT or message[1] == pending.latest):
+                    pending.reply = message
+                    pending.event.set()
         elif kind == Msg.STATE:
             with self._state_changed:
                 self.role, self.leader, self.term, self.has_quorum = message[1:5]
@@ -292,28 +309,37 @@ class Replica:
 
     # -- requests --------------------------------------------------------------------
 
-    def _request(self, message: list[Any], deadline: float) -> list[Any] | None:
-        """Send a request frame (message[1] is filled with a fresh id); wait for its reply
-        until ``deadline``. None: no reply in time. Raises ChannelStalled if the frame could
-        not even be queued by then (nothing was sent)."""
+    def _send_attempt(self, pending: _Pending, message: list[Any], deadline: float) -> None:
+        """Send one attempt of a call (message[1] gets a fresh request id that answers to
+        ``pending``). Raises ChannelStalled if it could not even be queued by ``deadline``."""
         request_id = next(self._request_ids)
         message[1] = request_id
-        pending = _Pending()
         with self._requests_lock:
             self._requests[request_id] = pending
+            pending.latest = request_id
         try:
-            try:
-                self._channel.send(message, deadline)
-            except ChannelClosed:
-                self.check_open()
-                raise
+            self._channel.send(message, deadline)
+        except ChannelClosed:
+            self.check_open()
+            raise
+
+    def _forget(self, pending: _Pending) -> None:
+        with self._requests_lock:
+            for request_id in [rid for rid, item in self._requests.items() if item is pending]:
+                del self._requests[request_id]
+
+    def _request(self, message: list[Any], deadline: float) -> list[Any] | None:
+        """One attempt: send a request frame and wait for its reply until ``deadline``.
+        None: no reply in time."""
+        pending = _Pending()
+        try:
+            self._send_attempt(pending, message, deadline)
             pending.event.wait(max(0.0, deadline - time.monotonic()))
             if pending.reply is None:
                 self.check_open()
             return pending.reply
         finally:
-            with self._requests_lock:
-                self._requests.pop(request_id, None)
+            self._forget(pending)
 
     def _engine_silent_since(self, now: float) -> float | None:
         """When the engine, silent (stopped, starved), started to count as unavailable:
@@ -337,23 +363,38 @@ class Replica:
             since = silent_since if since is None else min(since, silent_since)
         return 0.0 if since is None else max(0.0, now - since)
 
+    def quorum_wait_slice(self, started: float, deadline: float) -> float:
+        """The one NoQuorum rule of every wait: raise NoQuorum once the cluster has been
+        unavailable for ``quorum_timeout`` during a wait that began at ``started``;
+        otherwise how long the waiter may sleep before it must look again (never past
+        ``deadline``, and at most ENGINE_SILENCE_LIMIT: silence sends no notification)."""
+        self.check_open()
+        now = time.monotonic()
+        quorum_timeout = self.config.quorum_timeout
+        unavailable = min(self.unavailable_for(), now - started)
+        if unavailable >= quorum_timeout:
+            raise NoQuorum(f"no leader with a quorum for {unavailable:.1f}s")
+        return max(0.0, min(deadline - now, quorum_timeout - unavailable + 0.01, ENGINE_SILENCE_LIMIT))
+
+    def wait_for(self, event: threading.Event, deadline: float, started: float) -> bool:
+        """Wait until ``event`` is set (True) or ``deadline`` passes (False), under the
+        NoQuorum rule of :meth:`quorum_wait_slice`."""
+        while not event.is_set():
+            pause = self.quorum_wait_slice(started, deadline)
+            if time.monotonic() >= deadline:
+                return event.is_set()
+            event.wait(pause)
+        return True
+
     def _wait_available(self, deadline: float, started: float) -> None:
         """Block until the engine knows a leader with a quorum; NoQuorum once it has not for
         quorum_timeout (counted from ``started`` at the earliest); Timeout at the deadline."""
-        quorum_timeout = self.config.quorum_timeout
         with self._state_changed:
-            while True:
-                self.check_open()
-                now = time.monotonic()
-                if self._available(now):
-                    return
-                unavailable = min(self.unavailable_for(), now - started)
-                if unavailable >= quorum_timeout:
-                    raise NoQuorum(f"no leader with a quorum for {unavailable:.1f}s")
-                if now >= deadline:
+            while not self._available(time.monotonic()):
+                pause = self.quorum_wait_slice(started, deadline)
+                if time.monotonic() >= deadline:
                     raise Timeout("no leader before the deadline")
-                # Re-check at least every ENGINE_SILENCE_LIMIT: silence sends no notification.
-                self._state_changed.wait(min(deadline - now, quorum_timeout - unavailable, ENGINE_SILENCE_LIMIT))
+                self._state_changed.wait(pause)
 
     def _backoff(self, attempt: int, deadline: float) -> None:
         """After a failed attempt wait for a state change, at most a short backoff."""
@@ -363,41 +404,65 @@ class Replica:
 
     def _exchange(self, make_message: Callable[[], list[Any]], deadline: float, what: str,
                   command: bool) -> tuple[bytes, bool]:
-        """The one retry loop: resend until a RESULT arrives, the deadline, or NoQuorum.
+        """The one retry loop: resend until a RESULT arrives (to any attempt), the deadline,
+        or NoQuorum.
 
         Returns (result bytes, whether an earlier attempt went unanswered). For a
         ``command``, once anything was sent, running out of time is OutcomeUnknown (it may
-        still apply); before that, and for reads, it is Timeout / NoQuorum."""
+        still apply); before that, and for reads, it is Timeout / NoQuorum. Without a
+        deadline, a call that got no answer for ``quorum_timeout`` after it was sent
+        gives up too (NoQuorum, or QuorumLostOutcomeUnknown): no call hangs on a cluster
+        that looks available but answers nothing."""
         self.check_open()
         started = time.monotonic()
+        quorum_timeout = self.config.quorum_timeout
         attempt = 0
         unanswered = False  # an attempt was sent and got no reply: it may have applied
-        while True:
-            try:
-                self._wait_available(deadline, started)
-                attempt_deadline = min(deadline, time.monotonic() + self.config.attempt_timeout)
-                reply = self._request(make_message(), attempt_deadline)
-            except NoQuorum as exc:
-                if command and unanswered:
-                    raise QuorumLostOutcomeUnknown(f"{what}: {exc}; it may still apply") from None
-                raise
-            except Timeout:
-                if command and unanswered:
-                    raise OutcomeUnknown(f"{what}: no answer by the deadline; it may still apply") from None
-                raise
-            if reply is not None and reply[0] == Msg.RESULT:
-                return reply[2], unanswered
-            if reply is not None and reply[2] == Failure.REJECTED:
-                raise BadRequest(f"{what}: rejected by the engine")
-            # No reply, or a failure meaning the command may still apply.
-            unanswered = True
-            if time.monotonic() >= deadline:
-                if command:
-                    raise OutcomeUnknown(f"{what}: no answer by the deadline; it may still apply")
-                raise Timeout(f"{what}: no answer by the deadline")
-            attempt += 1
-            if reply is not None:
-                self._backoff(attempt, deadline)
+        first_sent: float | None = None
+        pending = _Pending()
+
+        def out_of_time(error: type[RaftsyncError], detail: str) -> RaftsyncError:
+            if command and unanswered:
+                error = QuorumLostOutcomeUnknown if issubclass(error, NoQuorum) else OutcomeUnknown
+                return error(f"{what}: {detail}; it may still apply")
+            return error(f"{what}: {detail}")
+
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise out_of_time(Timeout, "no answer by the deadline")
+                if first_sent is not None and deadline == INFINITY and now - first_sent >= quorum_timeout:
+                    raise out_of_time(NoQuorum, f"no answer for {now - first_sent:.1f}s")
+                try:
+                    self._wait_available(deadline, started)
+                except NoQuorum as exc:
+                    raise out_of_time(NoQuorum, str(exc)) from None
+                except Timeout:
+                    raise out_of_time(Timeout, "no leader before the deadline") from None
+                # Attempts get longer (1, 2, 4 x attempt_timeout): each resend is one more entry.
+                attempt_deadline = min(deadline, time.monotonic() + self.config.attempt_timeout * (1 << min(attempt, 2)))
+                attempt += 1
+                try:
+                    self._send_attempt(pending, make_message(), attempt_deadline)
+                except ChannelStalled:
+                    continue  # nothing of this attempt was sent; the checks above bound the wait
+                first_sent = first_sent or time.monotonic()
+                pending.event.wait(max(0.0, attempt_deadline - time.monotonic()))
+                with self._requests_lock:
+                    reply = pending.reply
+                    failure = pending.take_failure()
+                if reply is not None and reply[0] == Msg.RESULT:
+                    return reply[2], unanswered
+                self.check_open()
+                if failure is not None and failure[2] == Failure.REJECTED:
+                    raise BadRequest(f"{what}: rejected by the engine")
+                # No reply, or a failure meaning the command may still apply.
+                unanswered = True
+                if failure is not None:
+                    self._backoff(attempt, deadline)
+        finally:
+            self._forget(pending)
 
     def submit(self, session: Session, op: int, args: list[Any], deadline: float, what: str = "",
                allow_lost: bool = False,
@@ -429,18 +494,25 @@ class Replica:
             if not background:
                 session._end(seq)
         status, payload = decode_result(result)
-        return self._definite(status, payload, retried, what)
+        unknown = self._unknown_outcome(status, payload, retried)
+        if unknown is not None:
+            if settle is not None:
+                # Answered, but not whether it applied: settled now, as an answer would be.
+                # (On another thread: a claim's settle waits for its caller's decision.)
+                threading.Thread(target=settle, args=(status, payload), name="raftsync-settle", daemon=True).start()
+            raise OutcomeUnknown(f"{what}: {unknown}; it may have applied")
+        return status, payload
 
     @staticmethod
-    def _definite(status: int, payload: Any, retried: bool, what: str) -> tuple[int, Any]:
-        """Turn answers that cannot say whether the command applied into OutcomeUnknown."""
+    def _unknown_outcome(status: int, payload: Any, retried: bool) -> str | None:
+        """Why an answer cannot say whether the command applied, or None if it can."""
         if status == Status.STALE:
-            raise OutcomeUnknown(f"{what}: its result was trimmed; it may have applied")
+            return "its result was trimmed"
         if status == Status.SESSION_EXPIRED and retried and payload != NOT_APPLIED:
             # An earlier attempt may have applied before the session ended, and the ended
             # session's results are no longer kept.
-            raise OutcomeUnknown(f"{what}: the session ended and its results are gone; it may have applied")
-        return status, payload
+            return "the session ended and its results are gone"
+        return None
 
     def _settle(self, session: Session, seq: int, command: bytes, what: str,
                 settle: Callable[[int | None, Any], None], allow_lost: bool) -> None:
@@ -477,26 +549,33 @@ class Replica:
         Returns its answer if it comes by ``deadline``. Otherwise raises OutcomeUnknown
         and keeps proposing it in the background, also when nothing could be sent yet,
         until it is answered or its session is lost (unless ``allow_lost``) or the node
-        closes; ``on_done(status, payload)`` then runs (``(None, None)`` if it gave up).
+        closes. ``on_done(status, payload)`` runs exactly once, whatever happens: with the
+        answer, or ``(None, None)`` if it gave up (before ``finish`` returns or raises,
+        unless it goes on in the background).
         """
-        done = on_done or _ignore_answer
+        done = _once(on_done or _ignore_answer)
         try:
-            return self.submit(session, op, args, deadline, what, allow_lost=allow_lost, settle=done)
+            answer = self.submit(session, op, args, deadline, what, allow_lost=allow_lost, settle=done)
         except OutcomeUnknown:
-            raise
+            raise  # settling goes on in the background and calls done
         except (Timeout, NoQuorum) as exc:  # nothing was sent yet
             threading.Thread(target=self._finish_later, args=(session, op, args, what, allow_lost, done),
                              name="raftsync-settle", daemon=True).start()
             error = QuorumLostOutcomeUnknown if isinstance(exc, NoQuorum) else OutcomeUnknown
             raise error(f"{what}: not applied yet ({exc}); it keeps being proposed") from None
+        except BaseException:
+            done(None, None)
+            raise
+        done(*answer)
+        return answer
 
     def _finish_later(self, session: Session, op: int, args: list[Any], what: str, allow_lost: bool,
                       done: Callable[[int | None, Any], None]) -> None:
         attempt = 0
         while self.serving and (allow_lost or not session.lost.is_set()):
             try:
-                status, payload = self.submit(session, op, args, time.monotonic() + self.config.quorum_timeout,
-                                              what, allow_lost=allow_lost, settle=done)
+                answer = self.submit(session, op, args, time.monotonic() + self.config.quorum_timeout, what,
+                                     allow_lost=allow_lost, settle=done)
             except OutcomeUnknown:
                 return  # submit's settling carries on and calls done
             except (Timeout, NoQuorum):
@@ -505,7 +584,7 @@ class Replica:
                 continue
             except RaftsyncError:
                 break
-            done(status, payload)
+            done(*answer)
             return
         done(None, None)
 
@@ -561,10 +640,6 @@ class Replica:
         self.check_open()
         self._channel.send(message)
 
-    def test_drop_replies(self, count: int) -> None:
-        """Test hook: the engine drops the next ``count`` command results."""
-        self.test_hook("drop_replies", {"count": count})
-
     def test_hook(self, name: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
         """Set a test hook in the engine (refused unless the config has test_hooks);
         returns once the engine applied it, with what the hook reports."""
@@ -579,6 +654,20 @@ class Replica:
 
 def _ignore_answer(status: int | None, payload: Any) -> None:
     pass
+
+
+def _once(callback: Callable[[int | None, Any], None]) -> Callable[[int | None, Any], None]:
+    """``callback``, made to run at most once however many paths call it."""
+    fired = threading.Event()
+    guard = threading.Lock()
+
+    def run(status: int | None, payload: Any) -> None:
+        with guard:
+            if fired.is_set():
+                return
+            fired.set()
+        callback(status, payload)
+    return run
 
 
 def deadline_after(timeout: float | None) -> float:

@@ -36,7 +36,6 @@ log = logging.getLogger("raftsync.session")
 
 MIN_TTL = 0.3
 MAX_TTL = 86400.0
-INFINITY = float("inf")
 
 
 # The app reports a lease lost this long before the cluster could expire it, to
@@ -58,9 +57,6 @@ class Session:
         self._lock = threading.Lock()
         self._next_seq = 1
         self._in_flight: set[int] = set()
-        # set once this process asked the cluster to close it: the cluster's own notice
-        # of the end is then this close, not a loss
-        self._closing = False
         # set by the replica from the OPEN_SESSION send time, then by each acknowledged keepalive
         self.safe_until = 0.0
 
@@ -92,8 +88,9 @@ class Session:
     def close(self, timeout: float | None = 5.0) -> None:
         """Close the session in the cluster, releasing everything it holds at once.
 
-        Raises OutcomeUnknown if the close got no answer in time; it is then still
-        proposed in the background. The session is over for this process either way."""
+        The session (and every grant it holds) is over for this process at once. Raises
+        OutcomeUnknown if the close got no answer in time; it is then still proposed in
+        the background."""
         from .replica import deadline_after
 
         self._replica.sessions.close(self, deadline_after(timeout))
@@ -151,19 +148,16 @@ class SessionKeeper:
         return session
 
     def close(self, session: Session, deadline: float) -> None:
+        self._replica.check_owner()
         if session.lost.is_set():
             return
-        session._closing = True
-        try:
-            # The close's own "session ended" notice arrives before its answer and ends
-            # the session locally (_on_session_ended); an unanswered close keeps being
-            # proposed in the background until it applies.
-            status, payload = self._replica.finish(session, Op.CLOSE_SESSION, [], deadline, "close session",
-                                                   allow_lost=True)
-            if status not in (Status.OK, Status.SESSION_EXPIRED):
-                raise_for_status(status, payload, "close session")
-        finally:
-            self.lose(session, "closed", ended_in_cluster=True)
+        # Over for this process first (every grant marked lost before the close is even
+        # written); then one CLOSE, kept proposed in the background if unanswered.
+        self.lose(session, "closed", ended_in_cluster=True)
+        status, payload = self._replica.finish(session, Op.CLOSE_SESSION, [], deadline, "close session",
+                                               allow_lost=True)
+        if status not in (Status.OK, Status.SESSION_EXPIRED):
+            raise_for_status(status, payload, "close session")
 
     def close_all(self, timeout: float) -> None:
         with self._lock:
@@ -188,15 +182,22 @@ class SessionKeeper:
             return self._sessions.get(session_id)
 
     def for_ttl(self, ttl: float, deadline: float) -> Session:
-        """A shared session with this TTL (for locks given their own ttl), reopened when lost."""
+        """A shared session with this TTL (for locks given their own ttl), reopened when lost.
+        Waiting for another thread's open of it is bounded by ``deadline`` and NoQuorum."""
         self._replica.check_owner()  # before a lock a forked child may have inherited held
         if ttl == self._replica.config.session_ttl:
             return self.default(deadline)
-        with self._by_ttl_lock:
+        started = time.monotonic()
+        while not self._by_ttl_lock.acquire(timeout=self._replica.quorum_wait_slice(started, deadline)):
+            if time.monotonic() >= deadline:
+                raise Timeout(f"no session with ttl {ttl} yet (another thread is opening it)")
+        try:
             session = self._by_ttl.get(ttl)
             if session is None or session.lost.is_set():
                 session = self._by_ttl[ttl] = self.open(ttl, deadline)
             return session
+        finally:
+            self._by_ttl_lock.release()
 
     def default(self, deadline: float, no_quorum: bool = True) -> Session:
         """The node's current default session, waiting until ``deadline`` for one to open.
@@ -204,7 +205,6 @@ class SessionKeeper:
         ``no_quorum``: raise NoQuorum once the cluster has had no leader with a quorum for
         ``quorum_timeout`` during this call (so that no call without a deadline hangs)."""
         self._replica.check_owner()  # before a lock a forked child may have inherited held
-        quorum_timeout = self._replica.config.quorum_timeout
         started = time.monotonic()
         with self._default_ready:
             while True:
@@ -212,14 +212,12 @@ class SessionKeeper:
                 session = self._default
                 if session is not None and not session.lost.is_set():
                     return session
-                now = time.monotonic()
-                unavailable = min(self._replica.unavailable_for(), now - started)
-                if no_quorum and unavailable >= quorum_timeout:
-                    raise NoQuorum(f"no session: no leader with a quorum for {unavailable:.1f}s")
-                if now >= deadline:
+                # Woken when a session opens; re-checks the quorum between.
+                pause = self._replica.quorum_wait_slice(started, deadline) if no_quorum \
+                    else max(0.0, min(deadline - time.monotonic(), 1.0))
+                if time.monotonic() >= deadline:
                     raise Timeout("no open session yet (is there a leader?)")
-                # Woken when a session opens; re-check the quorum at least every half second.
-                self._default_ready.wait(min(deadline - now, max(0.01, quorum_timeout - unavailable), 0.5))
+                self._default_ready.wait(pause)
 
     # -- loss ------------------------------------------------------------------------
 
@@ -277,10 +275,7 @@ class SessionKeeper:
         session = self.by_id(effect[1])
         if session is None:
             return
-        if session._closing and effect[2] == "closed":
-            self.lose(session, "closed", ended_in_cluster=True)
-        else:
-            self.lose(session, f"session {effect[2]} by the cluster", ended_in_cluster=True)
+        self.lose(session, f"session {effect[2]} by the cluster", ended_in_cluster=True)
 
     def on_engine_gone(self) -> None:
         with self._default_ready:
@@ -314,7 +309,7 @@ class SessionKeeper:
         replica = self._replica
         while replica.serving:
             try:
-                session = self.open(replica.config.session_ttl, INFINITY)
+                session = self.open(replica.config.session_ttl, float("inf"))
             except NoQuorum:
                 continue
             except RaftsyncError:

@@ -11,10 +11,7 @@ Duties:
   and send back the result bytes, or a FAILED reason meaning *unknown outcome*.
 - READ: ``local`` answers from this replica at once; ``linearizable`` waits for a
   BARRIER command proposed after the read arrived (reads arriving while one barrier is
-  in flight share the next one). PySyncObj may never call a barrier's callback (a
-  forwarded command or its answer lost without a leader change, a snapshot installed
-  past it): each barrier has a deadline, after which its reads fail (the app retries
-  them) and the next barrier goes out.
+  in flight share the next one); see reads.py for barriers that come late or never.
 - Keepalives: every TTL/3 for the sessions the app owns, but only while the app has
   sent a frame recently, so a dead or stopped app loses its sessions.
 - Deadlines (Raft leader only): expire a session whose last keepalive was applied
@@ -44,6 +41,7 @@ from ..machine.table import Reader
 from . import lifeline
 from .deadlines import Deadlines
 from .durability import DurabilityMixin
+from .reads import ReadBarriers
 from .replication import ReplicationFixes
 from .watches import Watches
 
@@ -67,18 +65,6 @@ APP_SILENCE_LIMIT = 1.0
 # A STATE frame goes to the app at least this often, so the app can tell a stalled
 # engine from a quiet one.
 STATE_INTERVAL = 0.25
-# A barrier not answered by then is given up (its reads fail and are retried).
-BARRIER_TIMEOUT = 0.5
-
-
-class _Barrier:
-    __slots__ = ("reads", "deadline")
-
-    def __init__(self, reads: list[tuple[int, bytes]], deadline: float) -> None:
-        self.reads = reads
-        self.deadline = deadline
-
-
 class _MachineConsumer(SyncObjConsumer):
     """Holds the machine so snapshots contain only machine state (as msgpack bytes)."""
 
@@ -164,9 +150,10 @@ class Engine:
         self._was_leader = False
         self._state: tuple | None = None
         self._state_sent_at = 0.0
-        self._pending_reads: list[tuple[int, bytes]] = []
-        self._barrier: _Barrier | None = None
-        self._barriers_abandoned = 0
+        self._reads = ReadBarriers(
+            self._propose_barrier, lambda request_id, query: self._send([Msg.RESULT, request_id, self._answer(query)]),
+            lambda request_id, failure: self._send([Msg.FAILED, request_id, failure or Failure.UNKNOWN]),
+            lambda: self._hook_fires("drop_barriers"))
         self._snapshots_restored = 0
         # command op -> SUBMIT frames seen (how many log entries the app asked for)
         self._submitted_ops: dict[int, int] = {}
@@ -376,44 +363,15 @@ class Engine:
         if not linearizable:
             self._send([Msg.RESULT, request_id, self._answer(query)])
             return
-        self._pending_reads.append((request_id, query))
-        self._start_barrier()
+        self._reads.read(request_id, query, time.monotonic())
 
-    def _start_barrier(self) -> None:
-        if self._barrier is not None or not self._pending_reads:
-            return
-        barrier = self._barrier = _Barrier(self._pending_reads, time.monotonic() + BARRIER_TIMEOUT)
-        self._pending_reads = []
-
-        def done(result: Any, error: int) -> None:
+    def _propose_barrier(self, done) -> None:
+        def callback(result: Any, error: int) -> None:
             try:
-                if self._barrier is not barrier or self._hook_fires("drop_barriers"):
-                    return  # given up at its deadline (or a test pretends it never came)
-                self._barrier = None
-                if error == FAIL_REASON.SUCCESS:
-                    # Runs right after the barrier applied here: the state includes every
-                    # write committed before any of these reads began.
-                    for request_id, query in barrier.reads:
-                        self._send([Msg.RESULT, request_id, self._answer(query)])
-                else:
-                    self._fail_reads(barrier, _FAILURES.get(error, Failure.UNKNOWN))
-                self._start_barrier()
+                done(error == FAIL_REASON.SUCCESS, _FAILURES.get(error, Failure.UNKNOWN))
             except Exception:
                 log.exception("barrier callback failed")
-
-        self._propose(_BARRIER, done)
-
-    def _fail_reads(self, barrier: _Barrier, reason: int) -> None:
-        for request_id, _ in barrier.reads:
-            self._send([Msg.FAILED, request_id, reason])
-
-    def _check_barrier(self, now: float) -> None:
-        barrier = self._barrier
-        if barrier is not None and now >= barrier.deadline:
-            self._barrier = None
-            self._barriers_abandoned += 1
-            self._fail_reads(barrier, Failure.UNKNOWN)
-            self._start_barrier()
+        self._propose(_BARRIER, callback)
 
     def _answer(self, query: bytes) -> bytes:
         """Run a query. Where a result shows a TTL, it is this node's estimate of the
@@ -480,7 +438,7 @@ class Engine:
                 self._send([Msg.READY, {"self_address": self._config["self_address"], "pid": os.getpid()}])
             now = time.monotonic()
             self._push_state(now)
-            self._check_barrier(now)
+            self._reads.tick(now)
             self._keep_deadlines(now)
             self._send_keepalives(now)
             if self._out:
@@ -566,8 +524,8 @@ class Engine:
             "engine_pid": os.getpid(),
             "peers_connected": {node.address: raft.isNodeConnected(node) for node in raft.otherNodes},
             "snapshots_restored": self._snapshots_restored,
-            "barriers_abandoned": self._barriers_abandoned,
-            "pending_reads": len(self._pending_reads) + (len(self._barrier.reads) if self._barrier else 0),
+            "barriers_abandoned": self._reads.abandoned,
+            "pending_reads": self._reads.pending,
             "submitted_ops": dict(self._submitted_ops),
             "hooks_fired": dict(self._hooks_fired),
         }

@@ -37,7 +37,7 @@ def test_cas_and_delete_across_nodes(cluster):
 def test_lost_reply_is_retried_and_applies_once(cluster):
     node = cluster.nodes[1]
     version, revision = node.call("kv_write", key="once", value=b"a")
-    node.call("drop_replies", count=1)
+    node.call("test_hook", name="drop_replies", count=1)
     new_version, new_revision = node.call("kv_write", key="once", value=b"b")
     assert node.call("status")["hooks_fired"]["drop_replies"] == 1, "the test hook did not drop the reply"
     # The first attempt's result was dropped; the retry got the machine's cached answer.
