@@ -65,6 +65,11 @@ APP_SILENCE_LIMIT = 1.0
 # A STATE frame goes to the app at least this often, so the app can tell a stalled
 # engine from a quiet one.
 STATE_INTERVAL = 0.25
+def _log_failed_duty(result: Any, error: int) -> None:
+    if error != FAIL_REASON.SUCCESS:
+        log.debug("a leader duty's proposal failed (%s); the duty proposes again when due", error)
+
+
 class _MachineConsumer(SyncObjConsumer):
     """Holds the machine so snapshots contain only machine state (as msgpack bytes)."""
 
@@ -146,6 +151,8 @@ class Engine:
         # TTLs measured here, keyed (deadline kind, key); expiries proposed only while
         # this node leads
         self._deadlines = Deadlines()
+        # leader-only work of the tables that needs this node's clocks (engine-side state)
+        self._duties = self._consumer.machine.leader_duties()
         self._watches = Watches(self._send)
         self._was_leader = False
         self._state: tuple | None = None
@@ -461,9 +468,15 @@ class Engine:
             # A new leader cannot know when renewals reached the old one: every
             # deadline gets a fresh full TTL before anything is expired.
             self._restart_deadlines(now)
+            for duty in self._duties:
+                duty.became_leader(self.machine, now, time.time())
         self._was_leader = is_leader
         if not is_leader:
             return
+        wall_now = time.time()
+        for duty in self._duties:
+            for command in duty.due(self.machine, now, wall_now):
+                self._propose(command, _log_failed_duty)
         expiry_ops = self.machine.expiry_ops
         for (kind, key), token in self._deadlines.due(now):
             # The expiry names the token it expects: a renewal applied meanwhile wins.

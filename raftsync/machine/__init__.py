@@ -197,6 +197,10 @@ class StateMachine:
         for table in self.tables:
             yield from table.deadlines()
 
+    def leader_duties(self) -> list[Any]:
+        """Every table's LeaderDuty objects (engine-side; see table.LeaderDuty)."""
+        return [duty for table in self.tables for duty in table.leader_duties()]
+
     def ownership_tables(self) -> list[OwnershipTable]:
         return [table for table in self.tables if isinstance(table, OwnershipTable)]
 

@@ -12,6 +12,8 @@ declares to :class:`~raftsync.machine.StateMachine`, which loops over its tables
 - ``deadlines()``: (kind, key, token, seconds) of every TTL a new Raft leader must measure;
   ``expiry_ops``: deadline kind -> the op that expires one, with args [key, token];
 - ``watch_kinds``: watch kind -> WatchKind (a bounded history a watch resumes from);
+- ``leader_duties()``: LeaderDuty objects for work only the Raft leader does with its
+  own clocks (e.g. proposing due schedule slots), kept by the engine, not in the state;
 - ``to_state()`` / ``load_state(state)``: its part of a snapshot, as msgpack-able data.
 
 Handlers never raise except :class:`Invalid` for a malformed command (answered
@@ -52,6 +54,23 @@ class WatchKind:
     initial: Callable[[str], Any] | None = None
 
 
+class LeaderDuty:
+    """Leader-only work a table needs done with the Raft leader's clocks, outside the pure
+    machine: the engine creates each once (``Table.leader_duties``), tells it when this
+    node becomes leader, and on every tick while it leads asks it for commands to
+    propose. It gets the clocks as arguments (it never reads one itself), must not block
+    or raise, and must not propose the same thing on every tick: the machine
+    de-duplicates what it applies, but the log should not fill with repeats."""
+
+    def became_leader(self, machine: Any, monotonic_now: float, wall_now: float) -> None:
+        """This node now leads; ``machine`` is the current state (it may be replaced by a
+        snapshot later: always use the one passed in)."""
+
+    def due(self, machine: Any, monotonic_now: float, wall_now: float) -> list[bytes]:
+        """Commands (encoded) to propose now."""
+        return []
+
+
 def _no_remaining(kind: str, key: Any, token: int) -> float | None:
     return None
 
@@ -86,6 +105,9 @@ class Table:
 
     def holdings(self) -> Iterable[tuple]:
         return ()
+
+    def leader_duties(self) -> list[LeaderDuty]:
+        return []
 
     def deadlines(self) -> Iterable[tuple[str, Any, int, float]]:
         return ()
