@@ -25,6 +25,13 @@ that owns it (``_RaftNode(ReplicationFixes, SyncObj)`` in core.py):
    applied entries the cluster never committed. Raft (rule 5) commits only up to the
    last entry the append just matched with the leader's log.
 
+4. A follower installed any snapshot the leader sent, however old: a delayed or
+   duplicated snapshot rolled the state machine back to its point and cleared the log
+   (dropping acknowledged entries), and its file had already replaced this node's own,
+   newer snapshot on disk. A snapshot now installs only if it ends after the last
+   entry this follower applied; an older one is discarded before it replaces anything
+   and the leader is told where this follower is.
+
 Replies also carry the follower's term, and the leader ignores replies of another
 term (Raft: a response is only meaningful in the term of its request).
 
@@ -37,7 +44,10 @@ upstream's.
 
 from __future__ import annotations
 
+import gzip
+import io
 import logging
+import os
 
 import pysyncobj.pickle as pickle
 from pysyncobj.monotonic import monotonic as monotonicTime
@@ -177,8 +187,35 @@ class ReplicationFixes:
             self._SyncObj__raftLog.setRaftCommitIndex(self._SyncObj__raftCommitIndex)
 
     def _installSnapshotChunk(self, node, serialized):
-        if not self._SyncObj__serializer.setTransmissionData(serialized):
+        serializer = self._SyncObj__serializer
+        data, isFirst, isLast = serialized
+        if not isLast:
+            serializer.setTransmissionData(serialized)
             return  # more chunks to come (upstream: no reply until the last)
+        # Item 4 of the module doc. Upstream's last chunk completes the snapshot in one
+        # step (file: renames <fullDumpFile>.1.tmp over our own snapshot file; in memory:
+        # replaces our snapshot buffer), then __loadDumpFile replaces the state and clears
+        # the log whatever the snapshot's point. So the last chunk's data goes in as an
+        # ordinary chunk first, and the snapshot is completed only once we know it is
+        # newer than what we applied; an older one would roll us back, and on disk a
+        # restart from it plus a journal that starts later would lose entries.
+        serializer.setTransmissionData((data, isFirst, False))
+        if serializer._Serializer__incomingTransmissionFile is None:
+            return  # out of sequence or failed to write (upstream logged it): no reply, as upstream
+        snapshotIdx = _received_snapshot_last_index(serializer)
+        if snapshotIdx is None or snapshotIdx <= self._SyncObj__raftLastApplied:
+            _discard_received_snapshot(serializer)
+            if snapshotIdx is None:
+                self._refuse(node)  # the leader sends it again
+                return
+            log.info('ignoring a snapshot up to %d from %s: entries up to %d are applied already',
+                     snapshotIdx, node, self._SyncObj__raftLastApplied)
+            # Our position, as a refusal names it: what we hold that is committed matches
+            # this leader's log, so it may count it and resume after it.
+            self._reply(node, self._committedIndex() + 1, success=True, reset=False)
+            return
+        if not serializer.setTransmissionData((b'', False, True)):
+            return  # the rename failed (upstream logged it): no reply, as upstream
         self._SyncObj__loadDumpFile(clearJournal=True)
         # A loaded snapshot leaves the log as [entry before it, its last entry] with that
         # last entry applied (upstream __loadDumpFile, which logs and swallows failures).
@@ -208,10 +245,14 @@ class ReplicationFixes:
         matches. ``last_log_idx`` lets the leader notice a follower that lost entries
         it had acknowledged (only a member without a journal, restarted)."""
         lastIdx = self._SyncObj__getCurrentLogIndex()
+        self._reply(node, self._committedIndex() + 1, success=False, reset=True, last_log_idx=lastIdx)
+
+    def _committedIndex(self):
+        """The last entry this follower holds that it knows to be committed."""
         # Applied entries were committed too; after a snapshot install the applied
         # index can be ahead of a commit index read back from an older journal.
         committed = max(self._SyncObj__raftCommitIndex, self._SyncObj__raftLastApplied)
-        self._reply(node, min(committed, lastIdx) + 1, success=False, reset=True, last_log_idx=lastIdx)
+        return min(committed, self._SyncObj__getCurrentLogIndex())
 
     def _reply(self, node, nextIdx, success, reset, **extra):
         """Upstream's ``__sendNextNodeIdx`` plus this follower's term (see the leader)."""
@@ -255,3 +296,44 @@ class ReplicationFixes:
             # hint, but never at or below what the follower confirmed (its log holds
             # that prefix, so the next append matches), nor past our log's end.
             nextIndex[node] = min(max(nextIdx, matchIndex[node] + 1), self._SyncObj__getCurrentLogIndex() + 1)
+
+
+# -- a snapshot being received (PySyncObj's Serializer, pysyncobj==0.3.17) ---------------------
+
+
+def _received_snapshot_last_index(serializer):
+    """The index of the last entry of the snapshot received so far (every chunk is in),
+    or None if it cannot be read. Read as upstream's ``Serializer.deserialize`` reads a
+    snapshot: gzip'd pickle of (state, last entry, entry before it, cluster), entries as
+    (command, index, term). (raftsync sets no custom ``conf.serializer``/``deserializer``.)
+    The whole state is unpickled, once more than the install itself does."""
+    incoming = serializer._Serializer__incomingTransmissionFile
+    try:
+        if serializer._Serializer__fileName is None:
+            source = io.BytesIO(incoming)  # in memory: the bytes received
+        else:
+            incoming.flush()  # the temp file the chunks are written to, still open
+            source = open(incoming.name, 'rb')
+        with source, gzip.GzipFile(fileobj=source, mode='rb') as unzipped:
+            return pickle.load(unzipped)[1][1]
+    except Exception:
+        # Upstream would have put it in place and failed to load it; never let it
+        # replace our own snapshot.
+        log.exception('a snapshot received from the leader cannot be read; discarding it')
+        return None
+
+
+def _discard_received_snapshot(serializer):
+    """Drop the snapshot being received; our own snapshot (file or buffer) stays."""
+    incoming = serializer._Serializer__incomingTransmissionFile
+    serializer._Serializer__incomingTransmissionFile = None
+    if serializer._Serializer__fileName is None:
+        return
+    try:
+        incoming.close()
+    except OSError:
+        pass
+    try:
+        os.unlink(incoming.name)
+    except OSError:
+        log.warning('could not remove the discarded snapshot %s', incoming.name, exc_info=True)

@@ -5,8 +5,11 @@ it sends, and tests hand messages to its message handler directly (the one the r
 transport calls), so every interleaving is exact.
 """
 
+import os
+
 import pytest
 from pysyncobj import SyncObjConf
+from pysyncobj.serializer import Serializer
 from pysyncobj.transport import Transport
 
 from raftsync.engine.core import _RaftNode
@@ -33,9 +36,9 @@ class _RecordingTransport(Transport):
 class _Member:
     """A SyncObj of class ``cls`` plus handles on the internals a test sets up."""
 
-    def __init__(self, cls, address, term, entries=(), commit=1):
+    def __init__(self, cls, address, term, entries=(), commit=1, **conf):
         others = [a for a in (LEADER, FOLLOWER, THIRD) if a != address]
-        self.obj = cls(address, others, SyncObjConf(autoTick=False), transportClass=_RecordingTransport)
+        self.obj = cls(address, others, SyncObjConf(autoTick=False, **conf), transportClass=_RecordingTransport)
         self.transport = self.obj._SyncObj__transport
         for idx, entry_term, command in entries:
             self.obj._SyncObj__raftLog.add(command, idx, entry_term)
@@ -134,6 +137,86 @@ def test_an_append_of_an_older_term_is_ignored(members):
     follower = members(FOLLOWER, term=3, entries=_entries(2, 4, 3))
     follower.receive(LEADER, _append(2, 1, 0, _entries(2, 2, 2), commit=2))
     assert follower.replies() == [] and follower.log == [(1, 0), (2, 3), (3, 3), (4, 3)]
+
+
+# -- follower: installing the leader's snapshot ----------------------------------------------
+
+
+def _snapshot_chunks(directory, last, term, value):
+    """The append_entries a leader sends for its snapshot of the state ``{"value": value}``
+    up to entry ``last``, made and cut in chunks by PySyncObj's own Serializer."""
+    serializer = Serializer(os.path.join(directory, "leader-snapshot.bin"), 64, False, None, None, None)
+    entries = [(NOOP, last - 1, term), (NOOP, last, term)]  # (command, index, term)
+    serializer.serialize(({"value": value}, entries[1], entries[0], set()), last - 1)
+    serializer.checkSerializing()  # written (no fork): ready to send
+    chunks = []
+    while not chunks or not chunks[-1][2]:
+        chunks.append(serializer.getTransmissionData("follower"))
+    assert len(chunks) > 2  # several chunks with data, then the empty last one
+    return [{"type": "append_entries", "term": term, "commit_index": last, "serialized": chunk}
+            for chunk in chunks]
+
+
+def _own_snapshot(follower):
+    """What this follower's own snapshot holds: its file, or its in-memory buffer."""
+    serializer = follower.obj._SyncObj__serializer
+    path = serializer._Serializer__fileName
+    if path is None:
+        return serializer._Serializer__inMemorySerializedData
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+@pytest.mark.parametrize("on_disk", [True, False], ids=["snapshot-file", "in-memory"])
+@pytest.mark.parametrize("stale_last", [10, 20], ids=["older", "same-point"])
+def test_a_stale_snapshot_is_ignored_and_a_newer_one_installs(members, tmp_path, on_disk, stale_last):
+    data_dir = tmp_path / "follower"
+    data_dir.mkdir()
+    follower = members(FOLLOWER, term=1, fullDumpFile=str(data_dir / "snapshot.bin") if on_disk else None)
+    stale = _snapshot_chunks(str(tmp_path), stale_last, 1, "stale state")
+    newer = _snapshot_chunks(str(tmp_path), 20, 1, "state at 20")
+    newest = _snapshot_chunks(str(tmp_path), 30, 1, "state at 30")
+    for message in newer:
+        follower.receive(LEADER, message)
+    assert follower.obj.value == "state at 20" and follower.log == [(19, 1), (20, 1)]
+    follower.receive(LEADER, _append(1, 20, 1, _entries(21, 25, 1), commit=25))  # acknowledged
+    own_snapshot = _own_snapshot(follower)
+    follower.replies()
+
+    # A delayed or duplicated snapshot, not newer than what this follower applied (20).
+    for message in stale:
+        follower.receive(LEADER, message)
+    assert follower.obj.value == "state at 20"
+    assert follower.log == [(19, 1), (20, 1)] + [(i, 1) for i in range(21, 26)]
+    assert _own_snapshot(follower) == own_snapshot
+    assert os.listdir(data_dir) == (["snapshot.bin"] if on_disk else [])  # no received temp file left
+    reply = follower.replies()[-1]
+    assert reply["success"] and reply["next_node_idx"] == 26  # resume after our committed entries
+
+    for message in newest:
+        follower.receive(LEADER, message)
+    assert follower.obj.value == "state at 30" and follower.log == [(29, 1), (30, 1)]
+    assert _own_snapshot(follower) != own_snapshot
+    reply = follower.replies()[-1]
+    assert reply["success"] and reply["next_node_idx"] == 31
+
+
+def test_a_snapshot_that_cannot_be_read_replaces_nothing_and_is_asked_for_again(members, tmp_path):
+    data_dir = tmp_path / "follower"
+    data_dir.mkdir()
+    follower = members(FOLLOWER, term=1, fullDumpFile=str(data_dir / "snapshot.bin"))
+    for message in _snapshot_chunks(str(tmp_path), 20, 1, "state at 20"):
+        follower.receive(LEADER, message)
+    own_snapshot = _own_snapshot(follower)
+    follower.replies()
+    garbled = _snapshot_chunks(str(tmp_path), 30, 1, "state at 30")
+    garbled[1]["serialized"] = (b"\0" * 64, False, False)
+    for message in garbled:
+        follower.receive(LEADER, message)
+    assert follower.obj.value == "state at 20" and follower.log == [(19, 1), (20, 1)]
+    assert _own_snapshot(follower) == own_snapshot and os.listdir(data_dir) == ["snapshot.bin"]
+    reply = follower.replies()[-1]
+    assert not reply["success"] and reply["reset"] and reply["next_node_idx"] == 21
 
 
 # -- leader: handling the follower's reply --------------------------------------------------
