@@ -186,6 +186,7 @@ def test_observer_on_a_follower_sees_every_term_across_a_snapshot_install(make_c
     wait_for(lambda: follower.call("status")["snapshots_restored"] >= 1, 20, "the snapshot install")
     wait_for(lambda: len(events(follower, "observed", "o")) >= len(expected), 10, "the replay")
     assert events(follower, "observed", "o") == expected
+    _check_cluster_serves(cluster, "after-observe")
 
 
 def test_lost_barrier_callback_does_not_wedge_linearizable_reads(cluster):
@@ -200,6 +201,7 @@ def test_lost_barrier_callback_does_not_wedge_linearizable_reads(cluster):
     assert status["hooks_fired"]["drop_barriers"] == 3
     assert status["barriers_abandoned"] == 3 and status["pending_reads"] == 0
     assert follower.call("leader_current", group="nobody") is None
+    _check_cluster_serves(cluster, "after-lost-barriers")
 
 
 def test_follower_that_installs_a_snapshot_keeps_serving_reads(make_cluster):
@@ -227,6 +229,7 @@ def test_follower_that_installs_a_snapshot_keeps_serving_reads(make_cluster):
     wait_for(lambda: follower.call("status")["snapshots_restored"] >= 1, 20, "the snapshot install")
     for i in range(20):
         assert follower.call("kv_read", key=f"s/{i}", timeout=5)[0] == b"%d" % (180 + i)
+    _check_cluster_serves(cluster, "after-install")
 
 
 def _check_cluster_serves(cluster, lock_name):
