@@ -13,8 +13,8 @@ lines for the fault-test checker (cluster/checker.py), one record at its invoke 
 one at its completion, times from ``time.monotonic()`` (one clock for every process
 of a host, so histories of several members can be merged):
 
-    {"t": 12.5, "process": "node1:7000", "id": 12, "type": "invoke", "f": "write", "key": "demo/reg/1", "value": "..."}
-    {"t": 12.6, "process": "node1:7000", "id": 12, "type": "ok", "result": {"version": 7}}
+    {"t": 12.5, "process": "node1:7000", "pid": 41, "id": 12, "type": "invoke", "f": "write", "key": "demo/reg/1", "value": "..."}
+    {"t": 12.6, "process": "node1:7000", "pid": 41, "id": 12, "type": "ok", "result": {"version": 7}}
 
 ``type`` of a completion: ``ok`` (it happened; a compare-and-set that found another
 version is ``ok`` with ``result.conflict``), ``fail`` (it certainly did not happen),
@@ -80,7 +80,8 @@ class History:
     def record(self, op_id: int, kind: str, **fields: Any) -> None:
         if self._file is None:
             return
-        entry = {"t": time.monotonic(), "process": self._process, "id": op_id, "type": kind, **fields}
+        entry = {"t": time.monotonic(), "process": self._process, "pid": os.getpid(), "id": op_id, "type": kind,
+                 **fields}
         line = json.dumps(entry, sort_keys=True)
         with self._lock:
             self._file.write(line + "\n")
@@ -233,7 +234,8 @@ class Workload:
             self.say(f"lock {LOCK_NAME} -> unknown ({type(exc).__name__})")
             return
         token = lease.token
-        self.history.record(op, "ok", lock=LOCK_NAME, result={"token": token})
+        self.history.record(op, "ok", lock=LOCK_NAME, result={"token": token},
+                            safe_until=lease.session.safe_until)
         lease.on_lost(lambda lost: self.history.record(self.history.next_id(), "event", f="lost",
                                                        lock=LOCK_NAME, token=lost.token))
         self.say(f"lock {LOCK_NAME} -> held token={token}")
@@ -276,7 +278,8 @@ class Workload:
             self.say(f"election {ELECTION_GROUP} -> unknown ({type(exc).__name__})")
             return
         self.term, self.term_ops_left = term, 3
-        self.history.record(op, "ok", group=ELECTION_GROUP, result={"term": term.term})
+        self.history.record(op, "ok", group=ELECTION_GROUP, result={"term": term.term},
+                            safe_until=term.session.safe_until)
         term.on_revoked(lambda revoked: self.history.record(self.history.next_id(), "event", f="revoked",
                                                             group=ELECTION_GROUP, term=revoked.term))
         self.say(f"election {ELECTION_GROUP} -> leader term={term.term}")
