@@ -450,6 +450,25 @@ class NamespaceCluster:
         service.exit_codes.append(code)
         return code
 
+    def stop_services(self, names: list[str] | None = None, timeout: float = 20.0) -> dict[str, int | None]:
+        """SIGTERM several services at once (so none waits on a quorum already gone), then
+        wait; SIGKILL what is still running after ``timeout``. Returns the exit codes."""
+        names = [n for n in (names or list(self.services)) if self.services[n].running]
+        for name in names:
+            self.signal(name, signal.SIGCONT)
+            self.signal(name, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        codes: dict[str, int | None] = {}
+        for name in names:
+            process = self.services[name].process
+            try:
+                codes[name] = process.wait(max(0.1, deadline - time.monotonic()))
+                self.services[name].exit_codes.append(codes[name])
+            except subprocess.TimeoutExpired:
+                self.kill(name)
+                codes[name] = None
+        return codes
+
     def exec(self, name: str, argv: list[str], timeout: float = 30.0, **kwargs: Any) -> subprocess.CompletedProcess:
         """Run ``argv`` in the service's namespace (its /etc/hosts), not in its process group."""
         return subprocess.run(["ip", "netns", "exec", self.services[name].namespace, *argv],

@@ -9,6 +9,8 @@ import pytest
 
 from cluster.netns import NETNS_DIR, NamespaceCluster, list_namespaces, missing_privileges
 
+from .util import wait_for
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 
@@ -73,3 +75,35 @@ def peer_counters_seen(log_text):
 def last_status(log_text):
     found = STATUS.findall(log_text)
     return found[-1] if found else None
+
+
+WRITE_OK = re.compile(r"^workload \S+ #\d+ (?:write|cas) .*-> ok version=", re.M)
+LOCK_HELD = re.compile(r"^workload \S+ #\d+ lock \S+ -> held token=", re.M)
+
+
+def log_marks(cluster):
+    """Where each member's log ends now: look only at what comes after."""
+    return {name: len(s.log_text()) for name, s in cluster.services.items()}
+
+
+def wait_all_live(cluster, marks, timeout=60):
+    """Liveness after the faults stop: every member, since ``marks``, committed a write,
+    read another member's counter (linearizable reads answer) and acquired the lock."""
+    def live(name):
+        text = cluster.services[name].log_text()[marks[name]:]
+        return bool(WRITE_OK.search(text)) and bool(peer_counters_seen(text)) and bool(LOCK_HELD.search(text))
+
+    def everyone():
+        return all(live(name) for name in cluster.services)
+    wait_for(everyone, timeout, "every member writing, reading its peers and taking the lock after the faults")
+
+
+def wait_new_leader(cluster, members, old, marks, timeout=30):
+    """Until one of ``members`` reports, after ``marks``, that it leads (and it is not ``old``)."""
+    def found():
+        for name in members:
+            status = last_status(cluster.services[name].log_text()[marks[name]:])
+            if status and status[1] == "leader" and name != old:
+                return True
+        return False
+    wait_for(found, timeout, f"a new leader among {members}")

@@ -1,0 +1,150 @@
+"""Fixed fault schedules against docker-compose.yml's members in network namespaces.
+
+Each schedule breaks the running group (nftables partitions inside the namespaces, SIGKILL
+or SIGSTOP of a member's whole process group), then stops the faults and checks:
+
+- liveness: every member commits writes, reads its peers and acquires the lock again;
+- safety, over the workload histories of every member: the KV registers are
+  linearizable, lock and election holds never overlap and their tokens increase, at most
+  one Raft leader per term.
+
+The fast schedules run in the default test command; the rest are marked slow.
+"""
+
+import os
+import time
+
+import pytest
+
+from cluster.history import check_workload
+from cluster.nemesis import Nemesis, missing_nftables
+
+from .netns_util import (compose_cluster, history_paths, log_marks, require_namespaces, wait_all_live,
+                         wait_new_leader, peer_counters_seen)
+from .util import wait_for
+
+SESSION_TTL = 3.0          # the schedules below pause members past it
+ELECTION_TIMEOUT_MAX = 0.8  # raftsync's default (0.4-0.8 s)
+
+
+@pytest.fixture
+def group(tmp_path):
+    require_namespaces()
+    why = missing_nftables()
+    if why:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but the partition tests cannot run: {why}")
+        pytest.skip(why)
+    cluster = compose_cluster(tmp_path / "run", RAFTSYNC_SESSION_TTL=str(SESSION_TTL))
+    nemesis = Nemesis(cluster)
+    try:
+        cluster.start(timeout=60)
+        wait_for(lambda: all(len(peer_counters_seen(s.log_text())) == 2 for s in cluster.services.values()),
+                 60, "replication before the faults")
+        yield cluster, nemesis
+    finally:
+        try:
+            nemesis.stop_all()
+        except Exception:
+            pass
+        cluster.close()
+
+
+def _others(nemesis, member):
+    return [m for m in nemesis.members if m != member]
+
+
+# -- schedules: each returns once its faults are in place or over ----------------------------------
+
+
+def isolate_leader(cluster, nemesis):
+    leader = nemesis.raft_leader()
+    marks = log_marks(cluster)
+    nemesis.isolate(leader)
+    wait_new_leader(cluster, _others(nemesis, leader), leader, marks)
+
+
+def isolate_follower(cluster, nemesis):
+    follower = _others(nemesis, nemesis.raft_leader())[0]
+    nemesis.isolate(follower)
+    time.sleep(3 * ELECTION_TIMEOUT_MAX)   # the fault's duration: the minority campaigns in vain
+
+
+def bridge_leader(cluster, nemesis):
+    nemesis.bridge(nemesis.raft_leader())
+    time.sleep(3 * ELECTION_TIMEOUT_MAX)
+
+
+def bridge_follower(cluster, nemesis):
+    leader = nemesis.raft_leader()
+    nemesis.bridge(_others(nemesis, leader)[0])
+    time.sleep(3 * ELECTION_TIMEOUT_MAX)
+
+
+def leader_cannot_send(cluster, nemesis):
+    leader = nemesis.raft_leader()
+    marks = log_marks(cluster)
+    nemesis.cut([(leader, other) for other in _others(nemesis, leader)], "one-way from leader")
+    wait_new_leader(cluster, _others(nemesis, leader), leader, marks)
+
+
+def leader_cannot_hear(cluster, nemesis):
+    leader = nemesis.raft_leader()
+    nemesis.cut([(other, leader) for other in _others(nemesis, leader)], "one-way to leader")
+    time.sleep(3 * ELECTION_TIMEOUT_MAX)
+
+
+def flapping(cluster, nemesis):
+    a, b, c = nemesis.members
+    nemesis.flap([[{a}, {b, c}], [{b}, {a, c}], [{c}, {a, b}]], period=0.4, count=8)
+
+
+def pause_leader_past_session_ttl(cluster, nemesis):
+    leader = nemesis.raft_leader()
+    marks = log_marks(cluster)
+    nemesis.pause(leader)
+    wait_new_leader(cluster, _others(nemesis, leader), leader, marks)
+    time.sleep(SESSION_TTL + 1)   # the pause outlives the paused member's sessions
+    nemesis.resume(leader)
+
+
+def pause_follower_past_election_timeout(cluster, nemesis):
+    follower = _others(nemesis, nemesis.raft_leader())[0]
+    nemesis.pause(follower)
+    time.sleep(3 * ELECTION_TIMEOUT_MAX)
+    nemesis.resume(follower)
+
+
+def kill_and_restart_leader(cluster, nemesis):
+    leader = nemesis.raft_leader()
+    marks = log_marks(cluster)
+    nemesis.kill(leader)
+    wait_new_leader(cluster, _others(nemesis, leader), leader, marks)
+    nemesis.restart(leader)
+
+
+SCHEDULES = [
+    isolate_leader,
+    pause_leader_past_session_ttl,
+    pytest.param(isolate_follower, marks=pytest.mark.slow),
+    pytest.param(bridge_leader, marks=pytest.mark.slow),
+    pytest.param(bridge_follower, marks=pytest.mark.slow),
+    pytest.param(leader_cannot_send, marks=pytest.mark.slow),
+    pytest.param(leader_cannot_hear, marks=pytest.mark.slow),
+    pytest.param(flapping, marks=pytest.mark.slow),
+    pytest.param(pause_follower_past_election_timeout, marks=pytest.mark.slow),
+    pytest.param(kill_and_restart_leader, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: s.__name__)
+def test_fault_schedule_keeps_safety_and_recovers(group, schedule):
+    cluster, nemesis = group
+    schedule(cluster, nemesis)
+    nemesis.stop_all()
+    wait_all_live(cluster, log_marks(cluster))
+    codes = cluster.stop_services()
+    assert all(code is not None for code in codes.values()), codes
+    report = check_workload(history_paths(cluster), deaths=nemesis.deaths, time_limit=60)
+    assert report.ok, report.explain() + "\nfaults: " + repr(nemesis.log)
+    assert report.kv.operations >= 30
