@@ -160,6 +160,19 @@ class Nemesis:
             self.resume(member)
         self.heal()
 
+    # -- clocks ------------------------------------------------------------------------------------
+
+    def skew(self, member: str, seconds: float) -> None:
+        """Set the member's wall clock ``seconds`` off the host's (app and engine; the
+        cluster must run with faketime=True). Monotonic clocks are untouched."""
+        path = self.cluster.clock_file(member)
+        if self.cluster.faketime_library is None:
+            raise RunnerError("skew needs a cluster started with faketime=True")
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(f"{seconds:+.0f}\n")
+        temporary.replace(path)   # libfaketime re-reads the file on every call: never show it half-written
+        self.log.append(Fault("skew", f"{member} {seconds:+.0f}s", time.monotonic()))
+
     # -- what the members say ------------------------------------------------------------------------
 
     def raft_leader(self, timeout: float = 30.0) -> str:

@@ -58,6 +58,7 @@ NETNS_DIR = Path("/etc/netns")
 PREFIX = "rs-"
 SUBNET = ipaddress.ip_network("10.77.0.0/24")
 FIRST_HOST = 11
+FAKETIME_SITE = REPO_ROOT / "cluster" / "faketime_site"
 READY_LINE = re.compile(r"raftsync node \S+ ready")
 _OUR_NAMESPACE = re.compile(r"^rs-([0-9a-f]{6})-")
 # What a container's environment has without being told (the image's ENV): the runner
@@ -92,6 +93,13 @@ def missing_privileges() -> str | None:
     if bridge.returncode != 0:
         return f"cannot create a bridge: {bridge.stderr.strip()}"
     return None
+
+
+def find_faketime() -> str | None:
+    """Debian's libfaketime (package faketime), whatever the architecture."""
+    import glob
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + glob.glob("/usr/lib/faketime/libfaketime.so.1"))
+    return found[0] if found else None
 
 
 def _run(argv: list[str], check: bool = True, timeout: float = 20.0) -> subprocess.CompletedProcess:
@@ -250,7 +258,8 @@ class NamespaceCluster:
                  base_dir: str | os.PathLike | None = None,
                  environment: dict[str, str] | Callable[[Service], dict[str, str]] | None = None,
                  compose_environ: dict[str, str] | None = None, ready: re.Pattern | None = READY_LINE,
-                 python: str = sys.executable, state_dir: str | os.PathLike | None = None) -> None:
+                 python: str = sys.executable, state_dir: str | os.PathLike | None = None,
+                 faketime: bool = False) -> None:
         self.project: ComposeProject = load_compose(compose_file, compose_environ)
         self.run_id = secrets.token_hex(3)
         self._owns_base_dir = base_dir is None
@@ -261,6 +270,9 @@ class NamespaceCluster:
         self.python = python
         self.ready = ready
         self._extra_env = environment
+        self.faketime_library = find_faketime() if faketime else None
+        if faketime and self.faketime_library is None:
+            raise RunnerError("faketime=True needs libfaketime (apt-get install faketime)")
         self._closed = False
         self._close_lock = threading.Lock()
         hosts = list(SUBNET.hosts())
@@ -284,6 +296,12 @@ class NamespaceCluster:
         extra = self._extra_env(service) if callable(self._extra_env) else (self._extra_env or {})
         env.update(extra)
         env = {key: _map_path(value, mounts) for key, value in env.items()}
+        if self.faketime_library:
+            # each member's wall clock follows the offset in its own file (Nemesis.skew);
+            # monotonic clocks stay real (Python's waits need them)
+            env.update({"LD_PRELOAD": self.faketime_library, "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+                        "FAKETIME_TIMESTAMP_FILE": str(self.clock_file(service.name)), "FAKETIME_NO_CACHE": "1",
+                        "PYTHONPATH": f"{FAKETIME_SITE}{os.pathsep}{env['PYTHONPATH']}"})
         argv = list(service.command)
         if argv[0] == "raftsync":
             argv = [self.python, "-m", "raftsync", *argv[1:]]
@@ -292,6 +310,10 @@ class NamespaceCluster:
         return ServiceProcess(service, f"{PREFIX}{self.run_id}-{service.name}", address,
                               self.base_dir / "logs" / f"{service.name}.log", argv, env,
                               self.base_dir / "work" / service.name)
+
+    def clock_file(self, name: str) -> Path:
+        """The file holding the service's wall-clock offset under libfaketime ("+0", "-90s")."""
+        return self.base_dir / "clock" / name
 
     @property
     def namespaces(self) -> list[str]:
@@ -358,6 +380,9 @@ class NamespaceCluster:
         for directory in [service.cwd, Path(service.env["HOME"]), service.log_path.parent,
                           *self._volume_dirs(service)]:
             directory.mkdir(parents=True, exist_ok=True)
+        if self.faketime_library and not self.clock_file(name).exists():
+            self.clock_file(name).parent.mkdir(parents=True, exist_ok=True)
+            self.clock_file(name).write_text("+0\n")
         service.ready_lines_before = self._ready_lines(service)
         with open(service.log_path, "ab") as log:
             log.write(f"--- runner: start #{service.starts + 1} of {name} in {service.namespace} "

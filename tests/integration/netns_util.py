@@ -26,7 +26,7 @@ def require_namespaces():
     pytest.skip(f"namespace tests skipped: {why}")
 
 
-def compose_cluster(base_dir, compose=COMPOSE, interval="0.1", **extra):
+def compose_cluster(base_dir, compose=COMPOSE, interval="0.1", faketime=False, **extra):
     """The compose file's services with a random password, the demo workload at a test
     rate and its histories under ``base_dir/history``."""
     base_dir = Path(base_dir)
@@ -37,7 +37,7 @@ def compose_cluster(base_dir, compose=COMPOSE, interval="0.1", **extra):
         return {"RAFTSYNC_PASSWORD": password, "RAFTSYNC_DEMO_INTERVAL": interval,
                 "RAFTSYNC_WORKLOAD_HISTORY": str(base_dir / "history" / f"{service.name}.jsonl"), **extra}
 
-    return NamespaceCluster(compose, base_dir=base_dir, environment=environment)
+    return NamespaceCluster(compose, base_dir=base_dir, environment=environment, faketime=faketime)
 
 
 def history_paths(cluster):

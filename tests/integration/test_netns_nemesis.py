@@ -18,6 +18,7 @@ import pytest
 
 from cluster.history import check_workload
 from cluster.nemesis import Nemesis, missing_nftables
+from cluster.netns import find_faketime
 
 from .netns_util import (compose_cluster, history_paths, log_marks, require_namespaces, wait_all_live,
                          wait_new_leader, peer_counters_seen)
@@ -27,15 +28,21 @@ SESSION_TTL = 3.0          # the schedules below pause members past it
 ELECTION_TIMEOUT_MAX = 0.8  # raftsync's default (0.4-0.8 s)
 
 
-@pytest.fixture
-def group(tmp_path):
-    require_namespaces()
-    why = missing_nftables()
+def _require(why):
     if why:
         if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but the partition tests cannot run: {why}")
+            pytest.fail(f"CI=true but the fault tests cannot run: {why}")
         pytest.skip(why)
-    cluster = compose_cluster(tmp_path / "run", RAFTSYNC_SESSION_TTL=str(SESSION_TTL))
+
+
+@pytest.fixture
+def group(tmp_path, schedule):
+    require_namespaces()
+    _require(missing_nftables())
+    faketime = getattr(schedule, "faketime", False)
+    if faketime and find_faketime() is None:
+        _require("needs libfaketime (apt-get install faketime)")
+    cluster = compose_cluster(tmp_path / "run", faketime=faketime, RAFTSYNC_SESSION_TTL=str(SESSION_TTL))
     nemesis = Nemesis(cluster)
     try:
         cluster.start(timeout=60)
@@ -123,9 +130,33 @@ def kill_and_restart_leader(cluster, nemesis):
     nemesis.restart(leader)
 
 
+def clock_skew(cluster, nemesis):
+    """Members' wall clocks hours apart, then jumping, while the leader is cut off: nothing
+    raftsync decides may depend on comparing them."""
+    a, b, c = nemesis.members
+    nemesis.skew(a, 3600)
+    nemesis.skew(b, -3600)
+    for name, offset in ((a, 3600), (b, -3600), (c, 0)):
+        service = cluster.services[name]
+        seen = cluster.exec(name, [cluster.python, "-c", "import time; print(time.time())"], env=service.env)
+        assert abs(float(seen.stdout) - time.time() - offset) < 60, seen
+    leader = nemesis.raft_leader()
+    marks = log_marks(cluster)
+    nemesis.isolate(leader)
+    nemesis.skew(c, 7200)
+    wait_new_leader(cluster, _others(nemesis, leader), leader, marks)
+    nemesis.skew(a, -86400)
+    nemesis.heal()
+    time.sleep(SESSION_TTL)   # the skews stay on while the group recovers
+
+
+clock_skew.faketime = True
+
+
 SCHEDULES = [
     isolate_leader,
     pause_leader_past_session_ttl,
+    clock_skew,
     pytest.param(isolate_follower, marks=pytest.mark.slow),
     pytest.param(bridge_leader, marks=pytest.mark.slow),
     pytest.param(bridge_follower, marks=pytest.mark.slow),
