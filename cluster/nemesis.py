@@ -13,23 +13,22 @@ incarnation killed is in ``deaths`` (for cluster/history.py's lock holds).
 
 from __future__ import annotations
 
+import os
 import re
-import shutil
-import signal
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .netns import NamespaceCluster, RunnerError
+from .netns import IP, NamespaceCluster, RunnerError, tool
 
 TABLE = "raftsync_nemesis"
 _STATUS = re.compile(r"^workload \S+ #\d+ status role=(\w+) leader=(\S+) term=(\d+)", re.M)
 
 
 def missing_nftables() -> str | None:
-    if shutil.which("nft") is None:
+    if not os.path.isabs(tool("nft")):
         return "needs nftables ('nft' not found; apt-get install nftables)"
     return None
 
@@ -106,7 +105,7 @@ class Nemesis:
             script = (f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
                       f"table inet {TABLE} {{\n  chain input {{\n"
                       f"    type filter hook input priority -10; policy accept;\n    {rules}\n  }}\n}}\n")
-            result = subprocess.run(["ip", "netns", "exec", service.namespace, "nft", "-f", "-"], input=script,
+            result = subprocess.run([IP, "netns", "exec", service.namespace, tool("nft"), "-f", "-"], input=script,
                                     capture_output=True, text=True, timeout=20)
             if result.returncode != 0:
                 raise RunnerError(f"nft in {service.namespace} failed: {result.stderr.strip()}")

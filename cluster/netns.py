@@ -58,6 +58,20 @@ NETNS_DIR = Path("/etc/netns")
 PREFIX = "rs-"
 SUBNET = ipaddress.ip_network("10.77.0.0/24")
 FIRST_HOST = 11
+
+
+def tool(name: str) -> str:
+    """The path of an admin tool, also when PATH lacks the sbin directories."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in ("/usr/sbin", "/sbin", "/usr/bin", "/bin"):
+        if os.access(f"{directory}/{name}", os.X_OK):
+            return f"{directory}/{name}"
+    return name
+
+
+IP = tool("ip")
 FAKETIME_SITE = REPO_ROOT / "cluster" / "faketime_site"
 READY_LINE = re.compile(r"raftsync node \S+ ready")
 _OUR_NAMESPACE = re.compile(r"^rs-([0-9a-f]{6})-")
@@ -75,19 +89,19 @@ def missing_privileges() -> str | None:
     """Why this process cannot run namespaced clusters here, or None if it can."""
     if os.geteuid() != 0:
         return "needs root (creates network namespaces, a bridge and veth pairs)"
-    if shutil.which("ip") is None:
+    if not os.path.isabs(IP):
         return "needs iproute2 ('ip' not found)"
     probe = f"{PREFIX}probe-{os.getpid()}"
-    result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    result = subprocess.run([IP, "netns", "add", probe], capture_output=True, text=True)
     if result.returncode != 0:
         return f"cannot create a network namespace: {result.stderr.strip()}"
     try:
-        veth = subprocess.run(["ip", "-n", probe, "link", "add", "p0", "type", "veth", "peer", "name", "p1"],
+        veth = subprocess.run([IP, "-n", probe, "link", "add", "p0", "type", "veth", "peer", "name", "p1"],
                               capture_output=True, text=True)
-        bridge = subprocess.run(["ip", "-n", probe, "link", "add", "b0", "type", "bridge"],
+        bridge = subprocess.run([IP, "-n", probe, "link", "add", "b0", "type", "bridge"],
                                 capture_output=True, text=True)
     finally:
-        subprocess.run(["ip", "netns", "delete", probe], capture_output=True)
+        subprocess.run([IP, "netns", "delete", probe], capture_output=True)
     if veth.returncode != 0:
         return f"cannot create veth pairs: {veth.stderr.strip()}"
     if bridge.returncode != 0:
@@ -127,12 +141,12 @@ def _runner_alive(record: dict[str, Any]) -> bool:
 
 
 def list_namespaces() -> list[str]:
-    result = _run(["ip", "netns", "list"], check=False)
+    result = _run([IP, "netns", "list"], check=False)
     return [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
 
 
 def namespace_pids(namespace: str) -> list[int]:
-    result = _run(["ip", "netns", "pids", namespace], check=False)
+    result = _run([IP, "netns", "pids", namespace], check=False)
     return [int(p) for p in result.stdout.split() if p.isdigit()]
 
 
@@ -150,7 +164,7 @@ def _destroy_namespace(namespace: str, deadline: float) -> None:
                     pass
         time.sleep(0.05)  # the kernel reaps them asynchronously; poll until the list is empty
     if namespace in list_namespaces():
-        _run(["ip", "netns", "delete", namespace], check=False)
+        _run([IP, "netns", "delete", namespace], check=False)
     shutil.rmtree(NETNS_DIR / namespace, ignore_errors=True)
 
 
@@ -350,10 +364,10 @@ class NamespaceCluster:
         return self
 
     def _build_network(self) -> None:
-        _run(["ip", "netns", "add", self.hub])
-        _run(["ip", "-n", self.hub, "link", "add", "br0", "type", "bridge"])
-        _run(["ip", "-n", self.hub, "link", "set", "br0", "up"])
-        _run(["ip", "-n", self.hub, "link", "set", "lo", "up"])
+        _run([IP, "netns", "add", self.hub])
+        _run([IP, "-n", self.hub, "link", "add", "br0", "type", "bridge"])
+        _run([IP, "-n", self.hub, "link", "set", "br0", "up"])
+        _run([IP, "-n", self.hub, "link", "set", "lo", "up"])
         hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
         for service in self.services.values():
             names = [service.name] + ([service.service.hostname] if service.service.hostname
@@ -363,14 +377,14 @@ class NamespaceCluster:
             namespace, hub_side = service.namespace, f"v{index}"
             (NETNS_DIR / namespace).mkdir(parents=True, exist_ok=True)
             (NETNS_DIR / namespace / "hosts").write_text("\n".join(hosts) + "\n")
-            _run(["ip", "netns", "add", namespace])
-            _run(["ip", "-n", self.hub, "link", "add", hub_side, "type", "veth", "peer", "name", "eth0",
+            _run([IP, "netns", "add", namespace])
+            _run([IP, "-n", self.hub, "link", "add", hub_side, "type", "veth", "peer", "name", "eth0",
                   "netns", namespace])
-            _run(["ip", "-n", self.hub, "link", "set", hub_side, "master", "br0"])
-            _run(["ip", "-n", self.hub, "link", "set", hub_side, "up"])
-            _run(["ip", "-n", namespace, "addr", "add", f"{service.address}/{SUBNET.prefixlen}", "dev", "eth0"])
-            _run(["ip", "-n", namespace, "link", "set", "eth0", "up"])
-            _run(["ip", "-n", namespace, "link", "set", "lo", "up"])
+            _run([IP, "-n", self.hub, "link", "set", hub_side, "master", "br0"])
+            _run([IP, "-n", self.hub, "link", "set", hub_side, "up"])
+            _run([IP, "-n", namespace, "addr", "add", f"{service.address}/{SUBNET.prefixlen}", "dev", "eth0"])
+            _run([IP, "-n", namespace, "link", "set", "eth0", "up"])
+            _run([IP, "-n", namespace, "link", "set", "lo", "up"])
 
     def start_service(self, name: str, wait: bool = True, timeout: float = 60.0) -> ServiceProcess:
         """(Re)start a service from its volumes; with ``wait``, until its ready line."""
@@ -388,7 +402,7 @@ class NamespaceCluster:
             log.write(f"--- runner: start #{service.starts + 1} of {name} in {service.namespace} "
                       f"({service.address})\n".encode())
             log.flush()
-            service.process = subprocess.Popen(["ip", "netns", "exec", service.namespace, *service.argv],
+            service.process = subprocess.Popen([IP, "netns", "exec", service.namespace, *service.argv],
                                                env=service.env, cwd=service.cwd, stdin=subprocess.DEVNULL,
                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         service.starts += 1
@@ -496,7 +510,7 @@ class NamespaceCluster:
 
     def exec(self, name: str, argv: list[str], timeout: float = 30.0, **kwargs: Any) -> subprocess.CompletedProcess:
         """Run ``argv`` in the service's namespace (its /etc/hosts), not in its process group."""
-        return subprocess.run(["ip", "netns", "exec", self.services[name].namespace, *argv],
+        return subprocess.run([IP, "netns", "exec", self.services[name].namespace, *argv],
                               capture_output=True, text=True, timeout=timeout, **kwargs)
 
     def close(self) -> None:
