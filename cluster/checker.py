@@ -338,28 +338,32 @@ def check_leaders_per_term(claims: Iterable[tuple[Any, int, str]]) -> list[Viola
             if len(names) > 1]
 
 
-def check_write_counts(ops: Iterable[Op], final_versions: Mapping[str, int]) -> list[Violation]:
-    """Every acknowledged write survives, and nothing applies twice: for each key, the final
-    version lies between acknowledged writes and acknowledged plus unknown writes."""
-    acknowledged: dict[str, int] = defaultdict(int)
-    unknown: dict[str, int] = defaultdict(int)
+def check_write_counts(ops: Iterable[Op], final: Mapping[str, int] | Iterable[Op]) -> list[Violation]:
+    """Every acknowledged write survives and nothing applies twice.
+
+    ``final``: each key's version once writes stopped (a mapping), or reads (ok ``read``
+    ops with a version) taken while writes may go on. A read's version must be at least
+    the number of writes acknowledged before the read began, and at most the number of
+    writes (acknowledged or unknown) begun before it ended.
+    """
+    writes: dict[str, list[Op]] = defaultdict(list)
     for op in ops:
-        if op.f == "read" or op.outcome == "fail":
+        if op.f == "read" or op.outcome == "fail" or (op.outcome == "ok" and (op.result or {}).get("conflict")):
             continue
-        if op.outcome == "unknown":
-            unknown[op.key] += 1
-        elif not (op.f == "cas" and (op.result or {}).get("conflict")):
-            acknowledged[op.key] += 1
+        writes[op.key].append(op)
+    if isinstance(final, Mapping):
+        observations = [(key, version, INF, INF) for key, version in final.items()]
+    else:
+        observations = [(op.key, op.result["version"], op.invoke, op.complete) for op in final
+                        if op.f == "read" and op.outcome == "ok" and "version" in (op.result or {})]
     violations = []
-    for key in sorted(set(acknowledged) | set(unknown) | set(final_versions)):
-        final = final_versions.get(key)
-        if final is None:
-            continue
-        if final < acknowledged[key]:
-            violations.append(Violation("lost-write", f"{key}: final version {final} but {acknowledged[key]} "
-                                        "writes were acknowledged", (key,)))
-        elif final > acknowledged[key] + unknown[key]:
-            violations.append(Violation("phantom-write", f"{key}: final version {final} but only "
-                                        f"{acknowledged[key]} acknowledged + {unknown[key]} unknown writes",
-                                        (key,)))
+    for key, version, began, ended in sorted(observations, key=lambda o: (o[0], o[2])):
+        acknowledged = sum(1 for op in writes[key] if op.outcome == "ok" and op.complete < began)
+        possible = sum(1 for op in writes[key] if op.invoke < ended)
+        if version < acknowledged:
+            violations.append(Violation("lost-write", f"{key}: version {version} read, but {acknowledged} writes "
+                                        "were acknowledged before the read began", (key, version)))
+        elif version > possible:
+            violations.append(Violation("phantom-write", f"{key}: version {version} read, but only {possible} "
+                                        "writes had begun when the read ended", (key, version)))
     return violations

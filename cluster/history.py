@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from .checker import Hold, Op, Violation, check_holds, check_kv, check_leaders_per_term, KVResult
+from .checker import (Hold, KVResult, Op, Violation, check_holds, check_kv, check_leaders_per_term,
+                      check_write_counts)
 
 Incarnation = tuple[str, int]
 
@@ -49,10 +50,11 @@ def _pairs(records: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str
     return [(invoke, completions.get(key)) for key, invoke in invokes.items()]
 
 
-def kv_ops(records: list[dict[str, Any]]) -> list[Op]:
+def kv_ops(records: list[dict[str, Any]], final_only: bool = False) -> list[Op]:
+    """The KV operations; ``final_only``: the reads a workload took on its way out."""
     ops = []
     for invoke, completion in _pairs(records):
-        if invoke.get("f") not in ("read", "write", "cas"):
+        if invoke.get("f") not in ("read", "write", "cas") or (final_only and not invoke.get("final")):
             continue
         outcome = completion["type"] if completion is not None else "unknown"
         ops.append(Op(process=f"{invoke['process']}#{invoke.get('pid', 0)}", f=invoke["f"], key=invoke["key"],
@@ -133,4 +135,6 @@ def check_workload(paths: Iterable[str | os.PathLike], deaths: Mapping[Incarnati
     all_holds = holds(records, deaths)
     violations = check_holds(all_holds)
     violations += check_leaders_per_term(raft_leader_claims(records) + election_claims(records))
-    return Report(check_kv(kv_ops(records), time_limit), violations, len(all_holds))
+    ops = kv_ops(records)
+    violations += check_write_counts(ops, kv_ops(records, final_only=True))
+    return Report(check_kv(ops, time_limit), violations, len(all_holds))

@@ -14,7 +14,6 @@ incarnation killed is in ``deaths`` (for cluster/history.py's lock holds).
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import threading
 import time
@@ -22,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .netns import IP, NamespaceCluster, RunnerError, tool
+from .workload_log import last_status
 
 TABLE = "raftsync_nemesis"
-_STATUS = re.compile(r"^workload \S+ #\d+ status role=(\w+) leader=(\S+) term=(\d+)", re.M)
 
 
 def missing_nftables() -> str | None:
@@ -181,9 +180,9 @@ class Nemesis:
         while True:
             best = None
             for member, service in self.cluster.services.items():
-                found = _STATUS.findall(service.log_text())
-                if found and found[-1][0] == "leader":
-                    term = int(found[-1][2])
+                status = last_status(service.log_text())
+                if status and status[1] == "leader":
+                    term = int(status[3])
                     if best is None or term > best[0]:
                         best = (term, member)
             if best is not None:

@@ -475,12 +475,13 @@ class NamespaceCluster:
         self.signal(name, signal.SIGCONT)
 
     def stop_service(self, name: str, timeout: float = 15.0) -> int | None:
-        """SIGTERM (SIGCONT first, in case it is paused), then SIGKILL after ``timeout``."""
+        """SIGTERM to the main process (SIGCONT to the group first, in case it is paused),
+        then SIGKILL to the group after ``timeout``."""
         service = self.services[name]
         if not service.running:
             return service.process.returncode if service.process else None
         self.signal(name, signal.SIGCONT)
-        self.signal(name, signal.SIGTERM)
+        self._terminate(service)
         try:
             code = service.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -489,13 +490,22 @@ class NamespaceCluster:
         service.exit_codes.append(code)
         return code
 
+    @staticmethod
+    def _terminate(service: ServiceProcess) -> None:
+        # like `docker stop`: SIGTERM to the service's main process only; it shuts down
+        # what it started (raftsync's engine) itself
+        try:
+            service.process.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
     def stop_services(self, names: list[str] | None = None, timeout: float = 20.0) -> dict[str, int | None]:
         """SIGTERM several services at once (so none waits on a quorum already gone), then
         wait; SIGKILL what is still running after ``timeout``. Returns the exit codes."""
         names = [n for n in (names or list(self.services)) if self.services[n].running]
         for name in names:
             self.signal(name, signal.SIGCONT)
-            self.signal(name, signal.SIGTERM)
+            self._terminate(self.services[name])
         deadline = time.monotonic() + timeout
         codes: dict[str, int | None] = {}
         for name in names:

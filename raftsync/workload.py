@@ -135,6 +135,7 @@ class Workload:
                 self.stop.wait(self.interval)
         finally:
             self.resign()
+            self.final_reads()
             self.history.close()
 
     def say(self, text: str) -> None:
@@ -164,10 +165,10 @@ class Workload:
         self.history.record(op, "ok", result={"version": record.version})
         self.say(f"write {key} = {value!r} -> ok version={record.version}")
 
-    def read(self, key: str | None = None) -> tuple[str | None, int] | None:
+    def read(self, key: str | None = None, final: bool = False) -> tuple[str | None, int] | None:
         key = key or self._register()
         op = self.history.next_id()
-        self.history.record(op, "invoke", f="read", key=key)
+        self.history.record(op, "invoke", f="read", key=key, **({"final": True} if final else {}))
         try:
             record = self.data.read(key, timeout=2.0)
         except NotFound:
@@ -184,6 +185,17 @@ class Workload:
         self.history.record(op, "ok", result={"value": value, "version": record.version})
         self.say(f"read {key} -> ok {value!r} version={record.version}")
         return value, record.version
+
+    def final_reads(self, budget: float = 5.0) -> None:
+        """On the way out: read every key this workload touches once more (marked
+        ``final`` in the history, where lost acknowledged writes would show)."""
+        deadline = time.monotonic() + budget
+        keys = [f"{REGISTER_PREFIX}{i}" for i in range(REGISTERS)]
+        keys += [f"{COUNTER_PREFIX}{member}" for member in [self.name, *self.peers]]
+        for key in keys:
+            if time.monotonic() > deadline:
+                return
+            self.read(key, final=True)
 
     def compare_and_set(self) -> None:
         key = self._register()

@@ -1,13 +1,13 @@
 """Shared by the tests that run docker-compose.yml's services in network namespaces."""
 
 import os
-import re
 import secrets
 from pathlib import Path
 
 import pytest
 
 from cluster.netns import NETNS_DIR, NamespaceCluster, list_namespaces, missing_privileges
+from cluster.workload_log import all_live, leads_since
 
 from .util import wait_for
 
@@ -59,51 +59,13 @@ def pid_alive(pid):
         return False
 
 
-COUNTER_READ = re.compile(r"^workload (node\d):\d+ #\d+ read demo/count/(node\d):\d+ -> ok '(\d+)'", re.M)
-STATUS = re.compile(r"^workload (node\d):\d+ #\d+ status role=(\w+) leader=(\S+) term=(\d+)", re.M)
-
-
-def peer_counters_seen(log_text):
-    """{peer: highest counter value} this member read from other members."""
-    seen = {}
-    for reader, peer, value in COUNTER_READ.findall(log_text):
-        if peer != reader:
-            seen[peer] = max(seen.get(peer, 0), int(value))
-    return seen
-
-
-def last_status(log_text):
-    found = STATUS.findall(log_text)
-    return found[-1] if found else None
-
-
-WRITE_OK = re.compile(r"^workload \S+ #\d+ (?:write|cas) .*-> ok version=", re.M)
-LOCK_HELD = re.compile(r"^workload \S+ #\d+ lock \S+ -> held token=", re.M)
-
-
-def log_marks(cluster):
-    """Where each member's log ends now: look only at what comes after."""
-    return {name: len(s.log_text()) for name, s in cluster.services.items()}
-
-
 def wait_all_live(cluster, marks, timeout=60):
     """Liveness after the faults stop: every member, since ``marks``, committed a write,
     read another member's counter (linearizable reads answer) and acquired the lock."""
-    def live(name):
-        text = cluster.services[name].log_text()[marks[name]:]
-        return bool(WRITE_OK.search(text)) and bool(peer_counters_seen(text)) and bool(LOCK_HELD.search(text))
-
-    def everyone():
-        return all(live(name) for name in cluster.services)
-    wait_for(everyone, timeout, "every member writing, reading its peers and taking the lock after the faults")
+    wait_for(lambda: all_live(cluster, marks), timeout,
+             "every member writing, reading its peers and taking the lock after the faults")
 
 
 def wait_new_leader(cluster, members, old, marks, timeout=30):
     """Until one of ``members`` reports, after ``marks``, that it leads (and it is not ``old``)."""
-    def found():
-        for name in members:
-            status = last_status(cluster.services[name].log_text()[marks[name]:])
-            if status and status[1] == "leader" and name != old:
-                return True
-        return False
-    wait_for(found, timeout, f"a new leader among {members}")
+    wait_for(lambda: leads_since(cluster, members, marks, old), timeout, f"a new leader among {members}")

@@ -20,8 +20,9 @@ from cluster.history import check_workload
 from cluster.nemesis import Nemesis, missing_nftables
 from cluster.netns import find_faketime
 
-from .netns_util import (compose_cluster, history_paths, log_marks, require_namespaces, wait_all_live,
-                         wait_new_leader, peer_counters_seen)
+from cluster.workload_log import log_marks, peer_counters_seen
+
+from .netns_util import compose_cluster, history_paths, require_namespaces, wait_all_live, wait_new_leader
 from .util import wait_for
 
 SESSION_TTL = 3.0          # the schedules below pause members past it

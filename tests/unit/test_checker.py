@@ -274,6 +274,15 @@ def test_lost_and_phantom_writes():
     assert [v.kind for v in check_write_counts(ops, {"k": 4})] == ["phantom-write"]
 
 
+def test_final_reads_taken_while_writes_go_on():
+    ops = [w(1, 0, 1), w(2, 2, 3), w(3, 4, 10), w(4, 11, 12)]
+    # a read during the third write may see 2 or 3 writes, never fewer than the two acknowledged
+    assert check_write_counts(ops, [r(2, 5, 6, version=2)]) == []
+    assert check_write_counts(ops, [r(3, 5, 6, version=3)]) == []
+    assert [v.kind for v in check_write_counts(ops, [r(1, 5, 6, version=1)])] == ["lost-write"]
+    assert [v.kind for v in check_write_counts(ops, [r(4, 5, 6, version=4)])] == ["phantom-write"]
+
+
 # -- the workload's JSON-lines histories -----------------------------------------------------------------
 
 
@@ -330,6 +339,22 @@ def test_workload_check_reports_a_stale_read_and_overlapping_holds(tmp_path):
     assert not report.ok
     assert report.kv.verdict == "violation"
     assert sorted(v.kind for v in report.violations) == ["overlap", "two-leaders"]
+
+
+def test_workload_final_read_missing_an_acknowledged_write_is_caught(tmp_path):
+    path = tmp_path / "h.jsonl"
+    records = [
+        _rec(0.0, "n1", 1, "invoke", f="write", key="k", value="a"),
+        _rec(0.1, "n1", 1, "ok", result={"version": 1}),
+        _rec(0.2, "n1", 2, "invoke", f="write", key="k", value="b"),
+        _rec(0.3, "n1", 2, "ok", result={"version": 2}),
+        _rec(5.0, "n2", 1, "invoke", f="read", key="k", final=True),
+    ]
+    _write_history(path, records + [_rec(5.1, "n2", 1, "ok", result={"value": "b", "version": 2})])
+    assert check_workload([path]).ok
+    # the value is right but one acknowledged write is gone from the version count
+    _write_history(path, records + [_rec(5.1, "n2", 1, "ok", result={"value": "b", "version": 1})])
+    assert "lost-write" in [v.kind for v in check_workload([path]).violations]
 
 
 def test_a_holder_killed_while_holding_held_until_it_died(tmp_path):
