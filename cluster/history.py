@@ -82,13 +82,15 @@ def holds(records: list[dict[str, Any]], deaths: Mapping[Incarnation, float] | N
             end = ends.setdefault((*incarnation, name, token), {})
             end["release"] = invoke["t"]
             if invoke.get("safe_until") is not None:
-                end["safe_until"] = invoke["safe_until"]
+                end["safe_until"] = min(end.get("safe_until", invoke["safe_until"]), invoke["safe_until"])
     for record in records:
         if record["type"] == "event" and record.get("f") in ("lost", "revoked"):
             name = record.get("lock") or record.get("group")
             token = record.get("token", record.get("term"))
             end = ends.setdefault((record["process"], record.get("pid", 0), name, token), {})
             end.setdefault("lost", record["t"])
+            if record.get("safe_until") is not None:
+                end["safe_until"] = min(end.get("safe_until", record["safe_until"]), record["safe_until"])
     result = []
     for incarnation, name, token, start in starts:
         end = ends.get((*incarnation, name, token), {})

@@ -8,7 +8,8 @@ election campaign, and now and then the node's Raft status. One line per operati
 
     workload node1:7000 #12 write demo/reg/1 = 'node1:7000/12' -> ok version=7
 
-``RAFTSYNC_WORKLOAD_HISTORY=<path>`` also appends every operation to ``path`` as JSON
+``RAFTSYNC_DEMO_LOCK_HOLD`` sets how long it keeps the lock (default: the interval, at
+most 0.2 s). ``RAFTSYNC_WORKLOAD_HISTORY=<path>`` also appends every operation to ``path`` as JSON
 lines for the fault-test checker (cluster/checker.py), one record at its invoke and
 one at its completion, times from ``time.monotonic()`` (one clock for every process
 of a host, so histories of several members can be merged):
@@ -52,15 +53,20 @@ def enabled(environ: dict[str, str] | None = None) -> bool:
 def start(node: Any, stop: threading.Event, environ: dict[str, str] | None = None) -> threading.Thread:
     """Run the workload on a daemon thread until ``stop`` is set; returns the thread."""
     environ = os.environ if environ is None else environ
-    try:
-        interval = float(environ.get("RAFTSYNC_DEMO_INTERVAL", "0.5"))
-    except ValueError:
-        interval = 0.5
+    interval = _seconds(environ, "RAFTSYNC_DEMO_INTERVAL", 0.5)
     workload = Workload(node, stop, interval=max(interval, 0.01),
-                        history_path=environ.get("RAFTSYNC_WORKLOAD_HISTORY") or None)
+                        history_path=environ.get("RAFTSYNC_WORKLOAD_HISTORY") or None,
+                        lock_hold=_seconds(environ, "RAFTSYNC_DEMO_LOCK_HOLD", min(interval, 0.2)))
     thread = threading.Thread(target=workload.run, name="raftsync-demo-workload", daemon=True)
     thread.start()
     return thread
+
+
+def _seconds(environ: dict[str, str], name: str, default: float) -> float:
+    try:
+        return max(0.0, float(environ.get(name, default)))
+    except ValueError:
+        return default
 
 
 class History:
@@ -95,11 +101,13 @@ class History:
 
 class Workload:
     def __init__(self, node: Any, stop: threading.Event, interval: float = 0.5,
-                 history_path: str | None = None, out: TextIO | None = None, seed: int | None = None) -> None:
+                 history_path: str | None = None, out: TextIO | None = None, seed: int | None = None,
+                 lock_hold: float = 0.2) -> None:
         self.node = node
         self.name = node.address
         self.stop = stop
         self.interval = interval
+        self.lock_hold = lock_hold
         self.history = History(history_path, self.name)
         self.out = out or sys.stdout
         self.random = random.Random(seed if seed is not None else f"{self.name}/{os.getpid()}")
@@ -248,10 +256,13 @@ class Workload:
         token = lease.token
         self.history.record(op, "ok", lock=LOCK_NAME, result={"token": token},
                             safe_until=lease.session.safe_until)
+        # safe_until: the holder's last word on how long the lease was certainly valid; a
+        # paused holder hears of the loss late, but never later than this
         lease.on_lost(lambda lost: self.history.record(self.history.next_id(), "event", f="lost",
-                                                       lock=LOCK_NAME, token=lost.token))
+                                                       lock=LOCK_NAME, token=lost.token,
+                                                       safe_until=lost.session.safe_until))
         self.say(f"lock {LOCK_NAME} -> held token={token}")
-        self.stop.wait(min(self.interval, 0.2))  # hold it a little while
+        self.stop.wait(self.lock_hold)  # hold it a while (RAFTSYNC_DEMO_LOCK_HOLD)
         op = self.history.next_id()
         self.history.record(op, "invoke", f="release", lock=LOCK_NAME, token=token,
                             safe_until=lease.session.safe_until)
@@ -293,7 +304,8 @@ class Workload:
         self.history.record(op, "ok", group=ELECTION_GROUP, result={"term": term.term},
                             safe_until=term.session.safe_until)
         term.on_revoked(lambda revoked: self.history.record(self.history.next_id(), "event", f="revoked",
-                                                            group=ELECTION_GROUP, term=revoked.term))
+                                                            group=ELECTION_GROUP, term=revoked.term,
+                                                            safe_until=revoked.session.safe_until))
         self.say(f"election {ELECTION_GROUP} -> leader term={term.term}")
 
     def _current_leader(self) -> str:

@@ -12,6 +12,7 @@ The fast schedules run in the default test command; the rest are marked slow.
 """
 
 import os
+import re
 import time
 
 import pytest
@@ -43,7 +44,8 @@ def group(tmp_path, schedule):
     faketime = getattr(schedule, "faketime", False)
     if faketime and find_faketime() is None:
         _require("needs libfaketime (apt-get install faketime)")
-    cluster = compose_cluster(tmp_path / "run", faketime=faketime, RAFTSYNC_SESSION_TTL=str(SESSION_TTL))
+    cluster = compose_cluster(tmp_path / "run", faketime=faketime, RAFTSYNC_SESSION_TTL=str(SESSION_TTL),
+                              **getattr(schedule, "environment", {}))
     nemesis = Nemesis(cluster)
     try:
         cluster.start(timeout=60)
@@ -116,6 +118,49 @@ def pause_leader_past_session_ttl(cluster, nemesis):
     nemesis.resume(leader)
 
 
+def _lock_lines(text):
+    """[(kind, token, outcome)] of the workload's lock lines: kind "held" or "release"."""
+    held = [("held", int(t), "") for t in re.findall(r"lock demo/lock -> held token=(\d+)", text)]
+    released = [("release", int(t), o) for t, o in re.findall(r"release demo/lock token=(\d+) -> (.*)", text)]
+    return held + released
+
+
+def pause_lock_holder_past_session_ttl(cluster, nemesis):
+    """A member paused while it holds the lock, for longer than its session TTL: another
+    member gets the lock (with a higher token) once the lease expires, and the paused
+    holder, resumed, finds its lease gone; the checker finds no overlapping holds."""
+    marks = log_marks(cluster)
+    holder = {}
+
+    def someone_holds():
+        for name, service in cluster.services.items():
+            lines = _lock_lines(service.log_text()[marks[name]:])
+            held = [token for kind, token, _ in lines if kind == "held"]
+            done = {token for kind, token, _ in lines if kind == "release"}
+            if held and held[-1] not in done:
+                holder.update(name=name, token=held[-1])
+                nemesis.pause(name)
+                return True
+        return False
+    wait_for(someone_holds, 30, "a member holding the lock")
+    name, token = holder["name"], holder["token"]
+    after_pause = log_marks(cluster)
+
+    def another_member_took_it():
+        return any(kind == "held" and t > token for other, s in cluster.services.items() if other != name
+                   for kind, t, _ in _lock_lines(s.log_text()[after_pause[other]:]))
+    wait_for(another_member_took_it, 30, "the lock granted to another member after the lease expired")
+    nemesis.resume(name)
+
+    def release_answered():
+        return [o for kind, t, o in _lock_lines(cluster.services[name].log_text()) if kind == "release" and t == token]
+    wait_for(release_answered, 30, "the resumed holder's release")
+    assert release_answered()[0] != "ok", "the cluster accepted the release of an expired lease"
+
+
+pause_lock_holder_past_session_ttl.environment = {"RAFTSYNC_DEMO_LOCK_HOLD": "1.5"}
+
+
 def pause_follower_past_election_timeout(cluster, nemesis):
     follower = _others(nemesis, nemesis.raft_leader())[0]
     nemesis.pause(follower)
@@ -157,6 +202,7 @@ clock_skew.faketime = True
 SCHEDULES = [
     isolate_leader,
     pause_leader_past_session_ttl,
+    pause_lock_holder_past_session_ttl,
     clock_skew,
     pytest.param(isolate_follower, marks=pytest.mark.slow),
     pytest.param(bridge_leader, marks=pytest.mark.slow),

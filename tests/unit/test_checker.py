@@ -357,6 +357,23 @@ def test_workload_final_read_missing_an_acknowledged_write_is_caught(tmp_path):
     assert "lost-write" in [v.kind for v in check_workload([path]).violations]
 
 
+def test_a_paused_leader_that_hears_late_held_only_until_its_safe_until(tmp_path):
+    # n1 leads from 1.1; paused from ~2 to 9; its session's safe-until stopped at 4.0;
+    # n2 leads from 6; n1, resumed, is told at 9.2 that its term was revoked
+    path = tmp_path / "h.jsonl"
+    records = [
+        _rec(1.0, "n1", 1, "invoke", f="campaign", group="G"),
+        _rec(1.1, "n1", 1, "ok", group="G", result={"term": 3}),
+        _rec(5.9, "n2", 1, "invoke", f="campaign", group="G"),
+        _rec(6.0, "n2", 1, "ok", group="G", result={"term": 4}),
+    ]
+    _write_history(path, records + [_rec(9.2, "n1", 2, "event", f="revoked", group="G", term=3, safe_until=4.0)])
+    assert check_workload([path]).ok
+    # had its lease still been valid at 6 (the cluster expired it too early), that is an overlap
+    _write_history(path, records + [_rec(9.2, "n1", 2, "event", f="revoked", group="G", term=3, safe_until=7.0)])
+    assert [v.kind for v in check_workload([path]).violations] == ["overlap"]
+
+
 def test_a_holder_killed_while_holding_held_until_it_died(tmp_path):
     path = tmp_path / "h.jsonl"
     _write_history(path, [
