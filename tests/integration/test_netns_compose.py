@@ -8,6 +8,7 @@ linearizable), and the runner leaves nothing behind, even when it is SIGKILLed.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,10 +131,13 @@ def test_sigkilled_runner_leftovers_are_swept_and_live_runs_kept(tmp_path):
     assert leftovers(live.run_id) == []
 
 
-def test_whole_group_sigkilled_and_restarted_from_its_volumes_keeps_its_state(tmp_path):
+@pytest.mark.parametrize("lose_volumes", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["volumes-kept", "volumes-lost"])
+def test_whole_group_sigkilled_and_restarted_from_its_volumes_keeps_its_state(tmp_path, lose_volumes):
     """Every member's whole process group (app and engine) SIGKILLed at once, then started
     again from its volume: the Raft log survived, so versions continue and the combined
-    history across both lives is linearizable."""
+    history across both lives is linearizable. With the volumes wiped before the restart
+    (a group that lost its state) the same check must fail: it can tell."""
     cluster = compose_cluster(tmp_path / "run")
     deaths = {}
     try:
@@ -145,6 +149,8 @@ def test_whole_group_sigkilled_and_restarted_from_its_volumes_keeps_its_state(tm
             cluster.kill(name)
             deaths[(service.service.environment["RAFTSYNC_SELF"], pid)] = time.monotonic()
             assert namespace_pids(service.namespace) == [], "the engine died with its app"
+        if lose_volumes:
+            shutil.rmtree(cluster.base_dir / "volumes")
         for name in cluster.services:
             cluster.start_service(name, wait=False)
         cluster.wait_ready(timeout=60)
@@ -155,4 +161,7 @@ def test_whole_group_sigkilled_and_restarted_from_its_volumes_keeps_its_state(tm
     finally:
         cluster.close()
     report = check_workload(history_paths(cluster), deaths=deaths, time_limit=60)
-    assert report.ok, report.explain()
+    if lose_volumes:
+        assert not report.ok and report.kv.violations, report.explain()
+    else:
+        assert report.ok, report.explain()
