@@ -275,10 +275,10 @@ class NamespaceCluster:
                  python: str = sys.executable, state_dir: str | os.PathLike | None = None,
                  faketime: bool = False) -> None:
         self.project: ComposeProject = load_compose(compose_file, compose_environ)
-        self.run_id = secrets.token_hex(3)
+        self.state_dir = Path(state_dir or STATE_DIR)
+        self.run_id = self._fresh_run_id()
         self._owns_base_dir = base_dir is None
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix=f"raftsync-netns-{self.run_id}-"))
-        self.state_dir = Path(state_dir or STATE_DIR)
         self.state_path = self.state_dir / f"{self.run_id}.json"
         self.hub = f"{PREFIX}{self.run_id}-net"
         self.python = python
@@ -295,6 +295,16 @@ class NamespaceCluster:
         self.services: dict[str, ServiceProcess] = {}
         for index, service in enumerate(self.project.services.values()):
             self.services[service.name] = self._plan(service, str(hosts[FIRST_HOST - 1 + index]))
+
+    def _fresh_run_id(self) -> str:
+        """A run id no record or namespace uses (close() deletes by name: never share one)."""
+        taken = set()
+        if os.geteuid() == 0 and os.path.isabs(IP):
+            taken = {m.group(1) for m in map(_OUR_NAMESPACE.match, list_namespaces()) if m}
+        while True:
+            run_id = secrets.token_hex(3)
+            if run_id not in taken and not (self.state_dir / f"{run_id}.json").exists():
+                return run_id
 
     # -- planning --------------------------------------------------------------------------
 
