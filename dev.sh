@@ -37,8 +37,8 @@ ensure_fault_tools() {
   # The namespace fault tests (tests/integration/test_netns_*.py) need ip, nft and
   # libfaketime. As root, install what is missing; elsewhere those tests skip saying why.
   local missing=()
-  command -v ip >/dev/null 2>&1 || missing+=(iproute2)
-  command -v nft >/dev/null 2>&1 || missing+=(nftables)
+  command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=(iproute2)
+  command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
   compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || missing+=(faketime)
   if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } ||
