@@ -1,14 +1,16 @@
 """Fixed fault schedules against docker-compose.yml's members in network namespaces.
 
 Each schedule breaks the running group (nftables partitions inside the namespaces, SIGKILL
-or SIGSTOP of a member's whole process group), then stops the faults and checks:
+or SIGSTOP of a member's whole process group, wall-clock skew), then stops the faults and
+checks:
 
 - liveness: every member commits writes, reads its peers and acquires the lock again;
 - safety, over the workload histories of every member: the KV registers are
-  linearizable, lock and election holds never overlap and their tokens increase, at most
-  one Raft leader per term.
+  linearizable, no acknowledged write is lost, lock and election holds never overlap and
+  their tokens increase, at most one Raft leader per term.
 
-The fast schedules run in the default test command; the rest are marked slow.
+Four schedules (leader isolated, leader paused past the session TTL, lock holder paused
+past the session TTL, clock skew) run in the default test command; the rest are slow.
 """
 
 import os
