@@ -132,10 +132,11 @@ class Nemesis:
         self.deaths[(service.env.get("RAFTSYNC_SELF", member), pid)] = now
         self.log.append(Fault("kill", member, now, now))
 
-    def restart(self, member: str, timeout: float = 60.0) -> None:
-        """Start a killed member again from its volume and wait for its ready line."""
+    def restart(self, member: str, wait: bool = True, timeout: float = 60.0) -> None:
+        """Start a killed member again from its volume; with ``wait``, until its ready line
+        (which needs a leader it can reach)."""
         start = time.monotonic()
-        self.cluster.start_service(member, wait=True, timeout=timeout)
+        self.cluster.start_service(member, wait=wait, timeout=timeout)
         self.log.append(Fault("restart", member, start, time.monotonic()))
 
     def pause(self, member: str) -> None:

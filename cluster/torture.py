@@ -64,6 +64,7 @@ class Schedule:
         self.cluster, self.nemesis, self.rng, self.faketime = cluster, nemesis, rng, faketime
         self.members = list(cluster.services)
         self.described: list[str] = []
+        self.crashed: list[str] = []
 
     def _target(self) -> str:
         if self.rng.random() < 0.5:
@@ -134,7 +135,8 @@ class Schedule:
             return
         self.nemesis.kill(target)
         seconds = self._hold(0.5, 4)
-        self.nemesis.restart(target)
+        # not waiting for its ready line: a partition still in place may keep it from a leader
+        self.nemesis.restart(target, wait=False)
         self.described.append(f"kill {target}, restart after {seconds:.1f}s")
 
     def _skew(self) -> None:
@@ -148,7 +150,8 @@ class Schedule:
         self.nemesis.stop_all()
         for name, service in self.cluster.services.items():
             if not service.running:
-                self.nemesis.restart(name)
+                self.crashed.append(f"{name} exited by itself ({service.process.returncode}) during the faults")
+                self.nemesis.restart(name, wait=False)
 
 
 def run_schedule(index: int, seed: int, steps: int, out: Path, compose: Path, recovery: float,
@@ -175,10 +178,18 @@ def run_schedule(index: int, seed: int, steps: int, out: Path, compose: Path, re
                                  for s in cluster.services.values()), 60):
             outcome.violations.append("liveness: the members never replicated before the faults")
         else:
-            for _ in range(steps):
-                schedule.step()
+            try:
+                for _ in range(steps):
+                    schedule.step()
+            except RunnerError as exc:
+                outcome.violations.append(f"harness: a fault could not be applied: {exc}")
             schedule.end()
+            outcome.violations += [f"liveness: {text}" for text in schedule.crashed]
             marks = log_marks(cluster)
+            try:
+                cluster.wait_ready(timeout=recovery)
+            except RunnerError as exc:
+                outcome.violations.append(f"liveness: after the faults stopped, {exc}")
             if not _wait(lambda: all_live(cluster, marks), recovery):
                 stuck = [n for n, s in cluster.services.items() if not member_live(s.log_text()[marks[n]:])]
                 outcome.violations.append(f"liveness: {recovery:.0f}s after the faults stopped, not every member "
@@ -222,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedules", type=int, default=5, help="how many randomized schedules")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: random; printed)")
     parser.add_argument("--steps", type=int, default=4, help="faults per schedule")
+    parser.add_argument("--first", type=int, default=0,
+                        help="index of the first schedule (schedule i of a seed draws the same faults)")
     parser.add_argument("--out", default=str(REPO_ROOT / ".runs" / "torture"),
                         help="where violating schedules keep logs, histories and violations.txt")
     parser.add_argument("-f", "--file", default=str(REPO_ROOT / "docker-compose.yml"))
@@ -237,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torture: {args.schedules} schedules, seed {seed}, {args.steps} faults each; "
           f"wall-clock skew {'on' if find_faketime() else 'off (no libfaketime)'}", flush=True)
     totals = {"operations": 0, "faults": 0, "violations": 0}
-    for index in range(args.schedules):
+    for index in range(args.first, args.first + args.schedules):
         started = time.monotonic()
         outcome = run_schedule(index, seed, args.steps, out, Path(args.file), args.recovery, args.interval)
         totals["operations"] += outcome.operations
