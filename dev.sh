@@ -33,6 +33,19 @@ ensure_venv() {
   fi
 }
 
+ensure_fault_tools() {
+  # The namespace fault tests (tests/integration/test_netns_*.py) need ip, nft and
+  # libfaketime. As root, install what is missing; elsewhere those tests skip saying why.
+  local missing=()
+  command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=(iproute2)
+  command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
+  compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || missing+=(faketime)
+  if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } ||
+      echo "dev.sh: could not install ${missing[*]}; the namespace fault tests will say why they cannot run" >&2
+  fi
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
@@ -42,6 +55,7 @@ case "$cmd" in
     ;;
   test)
     ensure_venv
+    ensure_fault_tools
     # Slow fault-injection runs are opt-in: `bash ./dev.sh test -m slow`.
     if [ $# -eq 0 ]; then set -- -m "not slow"; fi
     exec .venv/bin/python -m pytest "$@"

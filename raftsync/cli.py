@@ -48,4 +48,14 @@ def node_run(config_file: str | None) -> None:
         member.wait_ready(timeout=None)
         status = member.status()
         click.echo(f"raftsync node {member.address} ready: role={status['role']} leader={status['leader']}")
+        demo = _start_demo_workload(member, stop)
         stop.wait()
+        if demo is not None:
+            demo.join(10)
+
+
+def _start_demo_workload(member, stop: threading.Event):
+    """RAFTSYNC_DEMO_WORKLOAD=1: also run the demo workload (raftsync/workload.py)."""
+    from . import workload
+
+    return workload.start(member, stop) if workload.enabled() else None
