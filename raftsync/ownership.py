@@ -41,13 +41,15 @@ class Grant:
         self.session = session
         self._latch = Latch()
         self._ended = self._latch.event
+        self._given_back = False  # released or resigned by its holder
 
     @property
     def valid(self) -> bool:
-        """False once the grant ended or its session's "safe until" has passed, read from
-        the monotonic clock right now: it holds even when raftsync's threads are starved
-        and have not yet set ``lost``/``revoked``."""
-        return not self._ended.is_set() and time.monotonic() < self.session.safe_until
+        """False once the grant ended (lost, or given back) or its session's "safe until"
+        has passed, read from the monotonic clock right now: it holds even when
+        raftsync's threads are starved and have not yet set ``lost``/``revoked``."""
+        return (not self._given_back and not self._ended.is_set()
+                and time.monotonic() < self.session.safe_until)
 
     def _on_end(self, callback: Callable[[Any], None]) -> None:
         if not self._latch.add(callback):
@@ -85,6 +87,7 @@ class OwnershipTable:
         # the machine's Granted/Released effects of this kind's table, as notices
         replica.on_notice(f"{kind}_granted", self._on_granted)
         replica.on_notice(f"{kind}_released", self._on_released)
+        replica.on_notice("holdings", self._on_holdings)
         replica.sessions.on_loss(self._on_session_lost)
 
     # -- notifications (reader thread) --------------------------------------------------
@@ -110,14 +113,33 @@ class OwnershipTable:
         # The cluster released a grant we did not give back ourselves (e.g. the wait's
         # withdrawal took a grant that raced it): it is over for its holder.
         _, name, session_id, handle_id, token = effect
+        key = (session_id, handle_id, name)
         with self.guard:
-            grant = self.grants.get((session_id, handle_id, name))
-        if grant is not None and grant.token == token:
+            grant = self.grants.get(key)
+            if grant is None or grant.token != token:
+                return
+            del self.grants[key]
+        self._end(grant)
+
+    def _on_holdings(self, effect: list[Any]) -> None:
+        # After a snapshot install: every grant our sessions hold now. One of ours that
+        # is not listed ended in the entries the snapshot skipped.
+        _, session_ids, holdings = effect
+        current = {(name, session_id, handle_id, token) for kind, name, session_id, handle_id, token in holdings
+                   if kind == f"{self.kind}_granted"}
+        sessions = set(session_ids)
+        with self.guard:
+            ended = [(key, grant) for key, grant in self.grants.items()
+                     if key[0] in sessions and (key[2], key[0], key[1], grant.token) not in current]
+            for key, _ in ended:
+                del self.grants[key]
+        for _, grant in ended:
             self._end(grant)
 
     def _on_session_lost(self, session_id: int) -> None:
         with self.guard:
-            ended = [grant for key, grant in self.grants.items() if key[0] == session_id]
+            keys = [key for key in self.grants if key[0] == session_id]
+            ended = [self.grants.pop(key) for key in keys]
             for key, waiter in self.waiters.items():
                 if key[0] == session_id:
                     waiter.event.set()
@@ -272,11 +294,19 @@ class OwnershipTable:
         it applies or the session ends."""
         key = (grant.session.id, handle_id, grant.name)
         what = f"release {self.kind} {grant.name!r}"
+        grant._given_back = True
         self.forget(handle_id, grant)
         settled = self._begin_settling(key)
-        status, payload = self.replica.finish(grant.session, self.release_op, [grant.name, handle_id, grant.token],
-                                              deadline, what,
-                                              on_done=lambda status, payload: self._end_settling(key, settled))
+        args = [grant.name, handle_id, grant.token]
+
+        def done(status: int | None, payload: Any) -> None:
+            if status == Status.STALE:
+                # Its answer was trimmed: whether it applied is unknown. Releasing by
+                # token again is harmless (NOT_HELD if it did) and settles it.
+                self._propose_in_background(grant.session, key, self.release_op, args, what)
+            self._end_settling(key, settled)
+
+        status, payload = self.replica.finish(grant.session, self.release_op, args, deadline, what, on_done=done)
         if status in (Status.SESSION_EXPIRED, Status.NOT_HELD):
             raise not_held(f"{grant.name!r} was no longer held (lost lease or session)")
         raise_for_status(status, payload, what)

@@ -229,9 +229,11 @@ class Replica:
         if kind in (Msg.RESULT, Msg.FAILED):
             with self._requests_lock:
                 pending = self._requests.get(message[1])
-                # A failure of an older attempt is moot: a newer one is under way.
-                if pending is not None and pending.reply is None and (
-                        kind == Msg.RESULT or message[1] == pending.latest):
+                # A failure of an older attempt is moot (a newer one is under way); an
+                # answer to any attempt completes the call, even over a failure not yet seen.
+                if pending is not None and (
+                        (kind == Msg.RESULT and (pending.reply is None or pending.reply[0] != Msg.RESULT))
+                        or (kind == Msg.FAILED and pending.reply is None and message[1] == pending.latest)):
                     pending.reply = message
                     pending.event.set()
         elif kind == Msg.STATE:
@@ -461,6 +463,10 @@ class Replica:
                 unanswered = True
                 if failure is not None:
                     self._backoff(attempt, deadline)
+                    with self._requests_lock:  # an earlier attempt may have been answered meanwhile
+                        reply = pending.reply
+                    if reply is not None and reply[0] == Msg.RESULT:
+                        return reply[2], unanswered
         finally:
             self._forget(pending)
 

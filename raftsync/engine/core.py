@@ -90,7 +90,15 @@ class _MachineConsumer(SyncObjConsumer):
         return {"machine": self.machine.snapshot()}
 
     def _deserialize(self, data: dict[str, Any]) -> None:
-        self.machine = StateMachine.restore(data["machine"])
+        try:
+            machine = StateMachine.restore(data["machine"])
+        except Exception as exc:
+            # PySyncObj would log this and carry on with a half-loaded node that never
+            # applies anything again: stop instead, so the app sees the engine gone.
+            log.critical("cannot restore the snapshot (%s: %s): stopping", type(exc).__name__, exc)
+            self._engine.fatal = f"cannot restore the snapshot: {type(exc).__name__}: {exc}"
+            raise
+        self.machine = machine
         self._engine._on_restored()
 
 
@@ -140,6 +148,7 @@ class Engine:
         self._out = bytearray()
         self._want_write = False
         self.stopped = threading.Event()
+        self.fatal: str | None = None  # why this engine cannot go on (it stops)
         self._raft: _RaftNode | None = None
         self._consumer = _MachineConsumer(self)
         self._config: dict[str, Any] = {}
@@ -153,6 +162,7 @@ class Engine:
         self._deadlines = Deadlines()
         # leader-only work of the tables that needs this node's clocks (engine-side state)
         self._duties = self._consumer.machine.leader_duties()
+        self._failed_duties: list[Any] = []
         self._watches = Watches(self._send)
         self._was_leader = False
         self._state: tuple | None = None
@@ -178,6 +188,8 @@ class Engine:
 
         self._raft = _RaftNode(config["self_address"], others, build_conf(config, self._in_process),
                                consumers=[self._consumer], transportClass=RaftTransport)
+        if self.fatal is not None:  # the snapshot in data_dir could not be restored
+            raise RuntimeError(self.fatal)
         self._raft.addOnTickCallback(self._on_tick)
         self._raft.waitBinded()
 
@@ -427,9 +439,11 @@ class Engine:
                     self._owned.pop(session_id, None)
                     self._keepalive_due.pop(session_id, None)
                     self._send([Msg.NOTIFY, list(SessionEnded("session_ended", session_id, "expired"))])
-            for grant in self.machine.holdings():
-                if grant.owner in self._owned:
-                    self._send([Msg.NOTIFY, list(grant)])
+            owned = [list(grant) for grant in self.machine.holdings() if grant.owner in self._owned]
+            for grant in owned:  # grants the skipped entries made (a waiter may be woken)
+                self._send([Msg.NOTIFY, grant])
+            # ... and the whole list: a grant of ours it lacks ended in the skipped entries.
+            self._send([Msg.NOTIFY, ["holdings", sorted(self._owned), owned]])
             self._watches.on_applied(self.machine)
         except Exception:
             log.exception("restore fan-out failed")
@@ -437,6 +451,10 @@ class Engine:
     # -- periodic duties (tick thread) ----------------------------------------------
 
     def _on_tick(self) -> None:
+        if self.fatal is not None:
+            self._send([Msg.FATAL, self.fatal])
+            self.stop()
+            return
         try:
             if not self._subscribed:
                 self._subscribed = True
@@ -468,20 +486,30 @@ class Engine:
             # A new leader cannot know when renewals reached the old one: every
             # deadline gets a fresh full TTL before anything is expired.
             self._restart_deadlines(now)
-            for duty in self._duties:
-                duty.became_leader(self.machine, now, time.time())
-        self._was_leader = is_leader
+        became_leader, self._was_leader = is_leader and not self._was_leader, is_leader
         if not is_leader:
             return
         wall_now = time.time()
         for duty in self._duties:
-            for command in duty.due(self.machine, now, wall_now):
-                self._propose(command, _log_failed_duty)
+            # One faulty duty must not stop expiries, keepalives or the other duties.
+            try:
+                if became_leader:
+                    duty.became_leader(self.machine, now, wall_now)
+                for command in duty.due(self.machine, now, wall_now):
+                    self._propose(command, _log_failed_duty)
+            except Exception:
+                if duty not in self._failed_duties:  # once, not on every tick
+                    self._failed_duties.append(duty)
+                    log.exception("leader duty %r failed", duty)
         expiry_ops = self.machine.expiry_ops
         for (kind, key), token in self._deadlines.due(now):
+            op = expiry_ops.get(kind)
+            if op is None:  # a table's effect names a deadline kind it declares no expiry for
+                log.error("no expiry command for deadline kind %r; not measuring it", kind)
+                self._deadlines.forget((kind, key))
+                continue
             # The expiry names the token it expects: a renewal applied meanwhile wins.
-            self._propose(encode_command(expiry_ops[kind], 0, 0, 0, [key, token]),
-                          self._expiry_done((kind, key), token))
+            self._propose(encode_command(op, 0, 0, 0, [key, token]), self._expiry_done((kind, key), token))
 
     def _expiry_done(self, key: Any, token: int):
         def done(result: Any, error: int) -> None:

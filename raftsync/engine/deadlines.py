@@ -58,6 +58,3 @@ class Deadlines:
     def proposal_failed(self, key: Hashable, token: int) -> None:
         if self._proposed.get(key) == token:
             del self._proposed[key]
-
-    def __len__(self) -> int:
-        return len(self._items)

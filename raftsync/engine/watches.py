@@ -43,7 +43,9 @@ class Watches:
             return
         watch = self._watches[watch_id] = _Watch(kind, key, machine.index if from_revision is None
                                                  else from_revision)
-        if spec.initial is not None:
+        if spec.initial is not None and from_revision is None:
+            # The current value first; a watch from a revision replays history instead
+            # (sending the present first would then go back in time).
             watch.last_payload = spec.initial(key)
             self._notify(watch_id, kind, watch.last_payload)
         self._catch_up(machine, watch_id, watch)

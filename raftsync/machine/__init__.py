@@ -28,7 +28,7 @@ import msgpack
 from ..codec import NOT_APPLIED, Op, Status, decode_command, decode_query, encode_result
 from .effects import Keepalive, SessionEnded, SessionOpened
 from .kv import KeyValue
-from .ownership import ElectionTable, LockTable, OwnershipTable, RWLockTable, SemaphoreTable
+from .ownership import ElectionTable, LockTable, RWLockTable, SemaphoreTable
 from .sessions import MAX_TTL_MS, MIN_TTL_MS, Sessions
 from .table import Context, Invalid, Reader, Table, WatchKind, int_arg
 
@@ -56,6 +56,9 @@ class StateMachine:
         self._queries: dict[int, Callable[[list[Any], Reader], bytes]] = {}
         self.expiry_ops: dict[str, int] = {}
         self.watch_kinds: dict[str, WatchKind] = {}
+        names = [table.name for table in self.tables]
+        if len(set(names)) != len(names) or {"v", "index"} & set(names):
+            raise ValueError(f"table names must be unique and not 'v' or 'index': {names}")
         for table in self.tables:
             for registry, entries in ((self._commands, table.commands()),
                                       (self._engine_commands, table.engine_commands()),
@@ -181,10 +184,6 @@ class StateMachine:
         except Exception as exc:
             return encode_result(Status.INTERNAL, f"{type(exc).__name__}: {exc}")
 
-    def leader_info(self, group: str) -> list[Any] | None:
-        """[candidate_id, value, term] of the group's leader, or None."""
-        return self.leaders.leader_info(group)
-
     # -- what the engine needs across tables --------------------------------------------
 
     def holdings(self) -> Iterable[tuple]:
@@ -201,9 +200,6 @@ class StateMachine:
         """Every table's LeaderDuty objects (engine-side; see table.LeaderDuty)."""
         return [duty for table in self.tables for duty in table.leader_duties()]
 
-    def ownership_tables(self) -> list[OwnershipTable]:
-        return [table for table in self.tables if isinstance(table, OwnershipTable)]
-
     # -- snapshots --------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
@@ -215,11 +211,40 @@ class StateMachine:
 
     @classmethod
     def restore(cls, data: bytes) -> "StateMachine":
+        """The machine a snapshot holds. A table the snapshot does not know (it predates
+        the table) starts empty. Raises ValueError for a snapshot it cannot read."""
         state = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        if state.get("v") == 1:
+            state = _upgrade_from_v1(state)
         if state.get("v") != SNAPSHOT_VERSION:
             raise ValueError(f"unsupported snapshot version {state.get('v')}")
         machine = cls()
         machine.index = state["index"]
         for table in machine.tables:
-            table.load_state(state[table.name])
+            if table.name in state:
+                table.load_state(state[table.name])
+        if "leader" not in state:
+            machine.leaders.history.compacted_revision = machine.index  # nothing known before
         return machine
+
+
+def _upgrade_from_v1(state: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 snapshot (separate lock and semaphore tables) in today's layout."""
+    def lock_names(entries: list[Any]) -> list[Any]:
+        return [[name, 1, [[holder, token, 1]] if holder else [], [[w, 1] for w in waiters], payloads]
+                for name, holder, token, waiters, payloads in entries]
+
+    def semaphore_names(entries: list[Any]) -> list[Any]:
+        return [[name, capacity, holders, waiters, []] for name, capacity, holders, waiters in entries]
+
+    index = state["index"]
+    return {
+        "v": SNAPSHOT_VERSION, "index": index,
+        "sessions": {"ended": [], **state["sessions"]},
+        "kv": state["kv"],
+        "lock": lock_names(state["locks"]),
+        "leader": {"names": lock_names(state["leaders"]),
+                   "history": state.get("leader_history", {"entries": [], "compacted": index})},
+        "sem": semaphore_names(state["semaphores"]),
+        "rw": semaphore_names(state["rwlocks"]),
+    }

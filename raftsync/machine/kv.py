@@ -41,10 +41,6 @@ class KeyValue(Table):
         # [revision, key, value or None (deleted), version]
         self.history = History(HISTORY_MAX_ENTRIES, HISTORY_MAX_BYTES)
 
-    @property
-    def compacted_revision(self) -> int:
-        """Every change at or below this revision has been trimmed from the history."""
-        return self.history.compacted_revision
 
     # -- the table interface ------------------------------------------------------------
 
@@ -146,9 +142,6 @@ class KeyValue(Table):
     def _remember(self, revision: int, key: str, value: bytes | None, version: int) -> None:
         self.history.append([revision, key, value, version])
 
-    def changes_since(self, revision: int, prefix: str) -> list[list[Any]] | None:
-        """Changes after ``revision`` under ``prefix``, or None if some were trimmed."""
-        return self.history.since(revision, lambda key: key.startswith(prefix))
 
     def get(self, key: str) -> list[Any] | None:
         record = self.records.get(key)

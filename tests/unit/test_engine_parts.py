@@ -66,10 +66,10 @@ def test_kv_watch_from_a_trimmed_revision_reports_compacted(monkeypatch):
     machine.apply(encode_command(Op.OPEN_SESSION, 7, 0, 0, [3000]))
     for seq in range(1, 6):
         _apply(machine, watches, Op.KV_PUT, 7, seq, [f"k{seq}", b"v", None])
-    assert machine.kv.compacted_revision > 1
+    assert machine.kv.history.compacted_revision > 1
     watches.add(machine, 1, "kv", "", 1)
-    assert sent.sent == [[1, "compacted", machine.kv.compacted_revision]]
-    watches.add(machine, 2, "kv", "", machine.kv.compacted_revision)
+    assert sent.sent == [[1, "compacted", machine.kv.history.compacted_revision]]
+    watches.add(machine, 2, "kv", "", machine.kv.history.compacted_revision)
     assert [m[2][1] for m in sent.sent[1:]] == ["k3", "k4", "k5"]
 
 
@@ -85,3 +85,38 @@ def test_watch_catches_up_after_a_snapshot_replaced_the_machine():
     watches.on_applied(ahead)  # the effects of those two commands were never seen here
     assert sent.sent == [[2, "leader", None], [1, "kv", [ahead.index - 1, "k", b"1", 1]],
                          [2, "leader", ["c", b"v", ahead.index]]]
+
+
+def test_a_snapshot_the_machine_cannot_restore_stops_the_engine_with_the_reason():
+    import socket
+
+    import msgpack
+
+    from raftsync.channel import FrameDecoder
+    from raftsync.engine.core import Engine
+
+    app, engine_side = socket.socketpair()
+    try:
+        engine = Engine(engine_side, in_process=True)
+        try:
+            engine._consumer._deserialize({"machine": msgpack.packb({"v": 99, "index": 3})})
+        except ValueError:
+            pass  # PySyncObj catches it and would carry on half-loaded
+        assert "cannot restore the snapshot" in engine.fatal
+        engine._on_tick()  # the next tick stops the engine and tells the app why
+        assert engine.stopped.is_set()
+        app.settimeout(2)
+        frames = list(FrameDecoder().feed(app.recv(65536)))
+        assert frames[0][0] == Msg.FATAL and "unsupported snapshot version 99" in frames[0][1]
+    finally:
+        app.close()
+        engine_side.close()
+
+
+def test_deadlines_keep_the_known_ttl_on_a_renewal_without_one():
+    deadlines = Deadlines()
+    deadlines.observe(("session", 7), token=1, ttl=3.0, now=0.0)
+    deadlines.observe(("session", 7), token=2, ttl=None, now=2.0)  # a keepalive
+    assert deadlines.due(4.9) == [] and deadlines.due(5.1) == [(("session", 7), 2)]
+    deadlines.observe(("session", 8), token=1, ttl=None, now=0.0)  # unknown key: ignored
+    assert deadlines.remaining(("session", 8), 1, 0.0) is None
