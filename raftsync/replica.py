@@ -120,6 +120,8 @@ class Replica:
         app_end.settimeout(self.config.start_timeout)
         self._channel.send([Msg.HELLO, self.config.engine_config()])
         reply = self._channel.recv()
+        while reply is not None and reply[0] not in (Msg.READY, Msg.FATAL):
+            reply = self._channel.recv()  # e.g. a notice from loading the data dir's snapshot
         if reply is None or reply[0] != Msg.READY:
             reason = reply[1] if reply and reply[0] == Msg.FATAL else "engine exited during start"
             self._shutdown_engine()

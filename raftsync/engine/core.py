@@ -442,8 +442,9 @@ class Engine:
             owned = [list(grant) for grant in self.machine.holdings() if grant.owner in self._owned]
             for grant in owned:  # grants the skipped entries made (a waiter may be woken)
                 self._send([Msg.NOTIFY, grant])
-            # ... and the whole list: a grant of ours it lacks ended in the skipped entries.
-            self._send([Msg.NOTIFY, ["holdings", sorted(self._owned), owned]])
+            if self._owned:
+                # ... and the whole list: a grant of ours it lacks ended in the skipped entries.
+                self._send([Msg.NOTIFY, ["holdings", sorted(self._owned), owned]])
             self._watches.on_applied(self.machine)
         except Exception:
             log.exception("restore fan-out failed")
