@@ -41,7 +41,7 @@ from collections import deque
 from itertools import islice
 from typing import Any, Callable, NamedTuple
 
-from ..codec import MAX_KEY_BYTES, MAX_NAME_BYTES, Op, Query, Status, encode_command, encode_result
+from ..codec import MAX_NAME_BYTES, Op, Query, Status, encode_command, encode_result
 from .history import History
 from .table import Context, Invalid, LeaderDuty, Reader, Table, WatchKind, arity, int_arg, str_arg
 
@@ -135,7 +135,7 @@ def _event_arg(value: Any) -> list[Any]:
     if not isinstance(payload, bytes) or len(payload) > MAX_EVENT_BYTES:
         raise Invalid(f"an event's payload must be bytes of at most {MAX_EVENT_BYTES}")
     if key is not None:
-        str_arg(key, MAX_KEY_BYTES, "key")
+        str_arg(key, MAX_NAME_BYTES, "key")
     if (not isinstance(stamp, list) or len(stamp) != 2
             or any(type(part) is not int for part in stamp)
             or not 0 <= stamp[0] <= MAX_STAMP_PHYSICAL or not 0 <= stamp[1] <= MAX_STAMP_LOGICAL):
