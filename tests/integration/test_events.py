@@ -1,9 +1,13 @@
 """Events on real node processes: one order per topic on every node, consumer groups that
 survive a killed consumer, and no acknowledged publish lost or doubled across a leader kill."""
 
+import os
+import signal
+
 import pytest
 
 from raftsync.errors import OutcomeUnknown
+from raftsync.machine import events as limits
 
 from .util import events, wait_for
 
@@ -100,6 +104,34 @@ def test_a_killed_consumer_resumes_after_its_groups_last_acknowledgement(make_cl
     assert [offset for offset, _ in rest] == list(range(30, len(log)))
     assert [payload for _, payload in acked + rest] == [entry[1] for entry in log]
     assert consumer.call("events_info", topic="jobs")["groups"] == {"workers": len(log)}
+
+
+def test_a_subscriber_on_a_follower_misses_nothing_across_a_snapshot_install(make_cluster):
+    cluster = make_cluster(3, compaction_min_entries=50)
+    leader = cluster.leader()
+    follower = next(n for n in cluster.nodes if n is not leader)
+    follower.call("events_follow", name="f", topic="s", from_offset=0)
+    leader.call("events_publish_many", topic="s", payloads=list(range(10)))
+    wait_for(lambda: len(events(follower, "event", "f")) == 10, 20, "the first events")
+    # Pause only the follower's engine until the leader drops it (see the KV watch test),
+    # while more publishes apply than the wake-up history keeps: its subscription must
+    # re-watch and read by offset.
+    os.kill(follower.engine_pid, signal.SIGSTOP)
+    try:
+        leader.call("events_publish_load", name="p", topic="s", count=limits.HISTORY_MAX_ENTRIES + 100, timeout=10)
+        wait_for(lambda: _done(leader, "p"), 60, "the publisher")
+        wait_for(lambda: leader.call("status")["log_length"] < 150, 20, "leader compaction")
+        wait_for(lambda: not leader.call("status")["peers_connected"][follower.address], 20,
+                 "the leader to drop the paused follower")
+    finally:
+        os.kill(follower.engine_pid, signal.SIGCONT)
+    wait_for(lambda: len(events(follower, "event", "f")) >= limits.HISTORY_MAX_ENTRIES + 110, 30, "catch-up")
+    assert follower.call("status")["snapshots_restored"] >= 1
+    leader.call("events_publish", topic="s", payload="woken after the install")  # still woken
+    log = _check_log(cluster, "s", Outcomes().collect(leader, "p"))
+    wait_for(lambda: len(events(follower, "event", "f")) >= len(log), 20, "the last event")
+    assert [[offset, payload] for offset, payload, _ in events(follower, "event", "f")] == [e[:2] for e in log]
+    assert not events(follower, "follow_error", "f")
 
 
 def _leader_kill_rounds(cluster, rounds, count):
