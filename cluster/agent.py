@@ -318,18 +318,22 @@ class Agent:
             group=group, from_offset=from_offset, ack=ack, timeout=10)
         return subscription.position
 
-    def op_events_consume(self, name: str, count: int, ack_each: bool = False,
-                          timeout: float = 10.0) -> list[list[Any]]:
-        """Take ``count`` events from subscription ``name`` ([offset, payload] each),
-        acknowledging each one after taking it if ``ack_each``."""
+    def op_events_consume(self, name: str, count: int, ack_each: bool = False, timeout: float = 10.0,
+                          stamps: bool = False) -> list[list[Any]]:
+        """Take ``count`` events from subscription ``name`` ([offset, payload] each, and
+        the stamp if ``stamps``), acknowledging each one after taking it if ``ack_each``."""
         subscription = self.handles[f"sub/{name}"]
         taken = []
         for _ in range(count):
             event = subscription.get(timeout=timeout)
-            taken.append([event.offset, event.payload])
+            taken.append([event.offset, event.payload] + ([list(event.stamp)] if stamps else []))
             if ack_each:
                 subscription.ack(event, timeout=timeout)
         return taken
+
+    def op_events_ack(self, name: str) -> int:
+        """Acknowledge every event subscription ``name`` delivered; the group's offset."""
+        return self.handles[f"sub/{name}"].ack(timeout=10)
 
     def op_hlc(self) -> list[int]:
         return list(self.node.hlc())
