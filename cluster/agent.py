@@ -371,6 +371,75 @@ class Agent:
         return timed_loop(lambda i: data.read(key, consistency=consistency, timeout=10),
                           count, warmup, max_seconds)
 
+    def op_bench_events_consumer(self, name: str, topic: str, count: int, max_seconds: float = 60.0) -> int:
+        """Start a subscriber on ``topic`` (from its end) in the background that takes up to
+        ``count`` events; for each it notes time.monotonic() on delivery minus the
+        publisher's time.monotonic() in the payload (``"t"``): publish-to-consume latency
+        on one host. Returns where it starts; the result comes from bench_events_consumed."""
+        subscription = self.node.events(topic).subscribe(batch_size=1000, timeout=10)
+        done = threading.Event()
+        result: dict[str, Any] = {"latencies": [], "received": 0, "elapsed": 0.0, "error": None}
+        self.handles[f"bench-consumer/{name}"] = (done, result)
+
+        def run() -> None:
+            latencies = result["latencies"]
+            deadline = time.monotonic() + max_seconds
+            first = None
+            try:
+                while len(latencies) < count and time.monotonic() < deadline:
+                    try:
+                        event = subscription.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except RaftsyncError as exc:
+                        if not isinstance(exc, TimeoutError):
+                            result["error"] = f"{type(exc).__name__}: {exc}"
+                        break
+                    now = time.monotonic()
+                    first = first or now
+                    latencies.append(now - event.payload["t"])
+                result["elapsed"] = (time.monotonic() - first) if first else 0.0
+            finally:
+                subscription.close()
+                done.set()
+        threading.Thread(target=run, daemon=True).start()
+        return subscription.position
+
+    def op_bench_events_consumed(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
+        done, result = self.handles.pop(f"bench-consumer/{name}")
+        done.wait(timeout)
+        return {"latencies": result["latencies"], "elapsed": result["elapsed"], "failures": 0,
+                "first_error": result["error"]}
+
+    def op_bench_events_publish(self, topic: str, count: int, size: int = 100, batch: int = 1, threads: int = 1,
+                                warmup: int = 20, max_seconds: float = 30.0) -> dict[str, Any]:
+        """``threads`` publishers, each timing sequential ``publish`` calls (``batch`` 1) or
+        ``publish_many`` calls of ``batch`` events, ``size`` bytes of padding each, with
+        time.monotonic() at the call in the payload (for consumers' latency). Latencies
+        are per call; ``events`` is how many events were published in the timed part."""
+        from bench.timing import timed_loop
+        stream = self.node.events(topic)
+        pad = b"x" * size
+
+        def call(_: int) -> None:
+            if batch == 1:
+                stream.publish({"t": time.monotonic(), "pad": pad}, timeout=10)
+            else:
+                now = time.monotonic()
+                stream.publish_many([{"t": now, "pad": pad}] * batch, timeout=10)
+
+        results: list[dict[str, Any]] = []
+        workers = [threading.Thread(target=lambda: results.append(timed_loop(call, count, warmup, max_seconds)))
+                   for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        merged = {"latencies": [x for r in results for x in r["latencies"]],
+                  "elapsed": max(r["elapsed"] for r in results),
+                  "failures": sum(r["failures"] for r in results),
+                  "first_error": next((r["first_error"] for r in results if r["first_error"]), None)}
+        merged["events"] = len(merged["latencies"]) * batch
+        return merged
+
     # -- serving -----------------------------------------------------------------------
 
     def serve(self, listener: socket.socket) -> None:
