@@ -57,6 +57,8 @@ def measure(events: int, max_seconds: float) -> list[list[str]]:
         rpc = max_seconds + 60.0
 
         def publish(node, topic, count, **args) -> dict[str, Any]:
+            # room for every event of a measurement (a consumer must not fall behind the retention)
+            node.call("events_configure", topic=topic, max_events=16384, max_bytes=4 << 20)
             return node.call("bench_events_publish", rpc_timeout=rpc, topic=topic, count=count,
                              max_seconds=max_seconds, **args)
 

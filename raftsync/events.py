@@ -40,7 +40,7 @@ Guarantees
   leader's monotonic clock: an event stays at least ``max_age`` after the leader
   applied it, and goes within about ``max_age / 32`` more; a leader change restarts
   the clock). At most 256 topics and 64 groups per topic; the retention of all topics
-  may reserve at most 1 Mi events and 64 MiB. Beyond these limits: ``TooLarge``.
+  may reserve at most 256 Ki events and 64 MiB. Beyond these limits: ``TooLarge``.
 
 Failure modes
 - ``publish`` raises ``OutcomeUnknown`` when it was sent and got no answer by its
@@ -297,7 +297,7 @@ class Events:
 
     def configure(self, max_events: int | None = None, max_bytes: int | None = None, max_age: float | None = None,
                   timeout: float | None = None) -> TopicInfo:
-        """Create the topic or change its retention; None means the default (4096 events,
+        """Create the topic or change its retention; None means the default (1024 events,
         256 KiB, no age limit). Events beyond the new limits are trimmed at once.
         TooLarge if the topics' reserved retention would pass the cluster's limit."""
         for value, what in ((max_events, "max_events"), (max_bytes, "max_bytes")):

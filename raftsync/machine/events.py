@@ -49,10 +49,13 @@ MAX_TOPICS = 256
 MAX_GROUPS_PER_TOPIC = 64
 MAX_EVENT_BYTES = 32 * 1024  # one event's payload, msgpack-encoded
 MAX_BATCH_EVENTS = 1000  # events in one publish command
-DEFAULT_MAX_EVENTS = 4096
+DEFAULT_MAX_EVENTS = 1024
 DEFAULT_MAX_BYTES = 256 * 1024
-TOTAL_MAX_EVENTS = MAX_TOPICS * DEFAULT_MAX_EVENTS  # 1 Mi events reserved at most
-TOTAL_MAX_BYTES = MAX_TOPICS * DEFAULT_MAX_BYTES  # 64 MiB reserved at most
+# Reserved by all topics at most: 256 Ki events and 64 MiB of payloads and keys. An
+# event costs about 150 bytes of Python objects besides its payload, so the events of
+# a replica take at most about 64 MiB + 256 Ki * 150 B = 100 MiB.
+TOTAL_MAX_EVENTS = MAX_TOPICS * DEFAULT_MAX_EVENTS
+TOTAL_MAX_BYTES = MAX_TOPICS * DEFAULT_MAX_BYTES
 MIN_MAX_BYTES = 1024
 MAX_AGE_MS = 365 * 24 * 3600 * 1000
 # what one EVENTS_READ answers at most (at least one event, whatever its size)
@@ -90,7 +93,9 @@ class Topic:
     def __init__(self, incarnation: int, max_events: int, max_bytes: int, max_age_ms: int) -> None:
         self.incarnation = incarnation
         self.first = 0  # offset of the oldest retained event (= how many were trimmed)
-        self.events: deque[list[Any]] = deque()  # [payload, key, stamp] from ``first`` on
+        # (payload, key, stamp physical_ms, stamp logical) from ``first`` on: a flat tuple
+        # is the smallest form (see TOTAL_MAX_EVENTS)
+        self.events: deque[tuple[bytes, str | None, int, int]] = deque()
         self.bytes = 0
         self.max_events = max_events
         self.max_bytes = max_bytes
@@ -114,7 +119,7 @@ class Topic:
             self.first += 1
 
 
-def event_bytes(event: list[Any]) -> int:
+def event_bytes(event: Any) -> int:
     """What an event counts against ``max_bytes``: its payload and key."""
     key = event[1]
     return len(event[0]) + (len(key.encode("utf-8")) if key is not None else 0)
@@ -128,7 +133,7 @@ def _group_arg(value: Any) -> str:
     return str_arg(value, MAX_NAME_BYTES, "group")
 
 
-def _event_arg(value: Any) -> list[Any]:
+def _event_arg(value: Any) -> tuple[bytes, str | None, int, int]:
     if not isinstance(value, list) or len(value) != 3:
         raise Invalid("an event is [payload, key, stamp]")
     payload, key, stamp = value
@@ -140,7 +145,7 @@ def _event_arg(value: Any) -> list[Any]:
             or any(type(part) is not int for part in stamp)
             or not 0 <= stamp[0] <= MAX_STAMP_PHYSICAL or not 0 <= stamp[1] <= MAX_STAMP_LOGICAL):
         raise Invalid("an event's stamp is [physical_ms, logical]")
-    return [payload, key, [stamp[0], stamp[1]]]
+    return (payload, key, stamp[0], stamp[1])
 
 
 def _optional_limit(value: Any, what: str, minimum: int, maximum: int, default: int) -> int:
@@ -323,7 +328,7 @@ class EventsTable(Table):
                 size += event_bytes(event)
                 if events and size > max_bytes:
                     break
-                events.append(event)
+                events.append([event[0], event[1], [event[2], event[3]]])
         return encode_result(Status.OK, [topic.incarnation, topic.first, topic.next, events])
 
     def _info_query(self, args: list[Any], reader: Reader) -> bytes:
@@ -356,7 +361,7 @@ class EventsTable(Table):
         for name, incarnation, first, max_events, max_bytes, max_age_ms, events, groups in state["topics"]:
             topic = self._create(Context(incarnation, []), name, max_events, max_bytes, max_age_ms)
             topic.first = first
-            topic.events = deque(events)
+            topic.events = deque(tuple(event) for event in events)
             topic.bytes = sum(event_bytes(event) for event in events)
             topic.groups = {group: offset for group, offset in groups}
         self.history.load_state(state["history"])

@@ -110,6 +110,7 @@ def test_a_subscriber_on_a_follower_misses_nothing_across_a_snapshot_install(mak
     cluster = make_cluster(3, compaction_min_entries=50)
     leader = cluster.leader()
     follower = next(n for n in cluster.nodes if n is not leader)
+    leader.call("events_configure", topic="s", max_events=4096)
     follower.call("events_follow", name="f", topic="s", from_offset=0)
     leader.call("events_publish_many", topic="s", payloads=list(range(10)))
     wait_for(lambda: len(events(follower, "event", "f")) == 10, 20, "the first events")
@@ -137,6 +138,7 @@ def test_a_subscriber_on_a_follower_misses_nothing_across_a_snapshot_install(mak
 def _leader_kill_rounds(cluster, rounds, count):
     topic = "ledger"
     outcomes = Outcomes()
+    cluster.nodes[0].call("events_configure", topic=topic, max_events=8192, max_bytes=1 << 20)
     # Forced unknown outcomes first: a reply lost after the publish applied, and a
     # command lost before it was proposed; either way OutcomeUnknown, never a double.
     writer = next(node for node in cluster.nodes if node is not cluster.leader())

@@ -38,12 +38,12 @@ def test_publish_returns_dense_offsets_and_payloads_come_back_as_published(node)
     assert stream.publish((1, 2)) == 10 and stream.read(10)[0].payload == [1, 2]  # tuples come back as lists
     assert stream.read(11) == []
     info = stream.info()
-    assert (info.first_offset, info.next_offset, info.max_events, info.max_age) == (0, 11, 4096, None)
+    assert (info.first_offset, info.next_offset, info.max_events, info.max_age) == (0, 11, limits.DEFAULT_MAX_EVENTS, None)
 
 
 def test_publish_many_splits_large_batches_into_commands_with_consecutive_offsets(node):
     stream = node.events("big")
-    stream.configure(max_bytes=4 * 1024 * 1024)
+    stream.configure(max_events=4096, max_bytes=4 * 1024 * 1024)
     payloads = [b"p" * 20000] * 7 + list(range(2500))  # several chunks by bytes, then by count
     offsets = stream.publish_many(payloads)
     assert offsets == list(range(len(payloads)))
