@@ -97,7 +97,7 @@ def measure(events: int, max_seconds: float) -> list[list[str]]:
         result = consumer.call("bench_events_consumed", rpc_timeout=rpc, name=topic, timeout=60)
         summary = Summary.from_loop(result)
         rate = summary.count / result["elapsed"] if result["elapsed"] > 0 else float("nan")
-        progress([f"consume a backlog published 100 per call (subscriber on another node)", "-",
+        progress(["consume a backlog published 100 per call (subscriber on another node)", "-",
                   str(summary.count), f"{rate:,.0f}"])
         return rows
     finally:

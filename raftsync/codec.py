@@ -77,7 +77,6 @@ class Query(IntEnum):
     RW_INFO = 8
     EVENTS_READ = 20
     EVENTS_INFO = 21
-    EVENTS_TOPICS = 22
 
 
 class Status(IntEnum):

@@ -178,8 +178,7 @@ class EventsTable(Table):
         return {Op.EVENTS_TRIM: self._trim_command}
 
     def queries(self) -> dict[int, Callable[[list[Any], Reader], bytes]]:
-        return {Query.EVENTS_READ: self._read_query, Query.EVENTS_INFO: self._info_query,
-                Query.EVENTS_TOPICS: self._topics_query}
+        return {Query.EVENTS_READ: self._read_query, Query.EVENTS_INFO: self._info_query}
 
     def watch_kinds(self) -> dict[str, WatchKind]:
         return {"events": WatchKind(history=lambda: self.history, match=lambda topic, name: name == topic,
@@ -335,10 +334,6 @@ class EventsTable(Table):
         arity(args, (1,), "EVENTS_INFO takes [topic]")
         info = self.info(_topic_arg(args[0]))
         return encode_result(Status.NOT_FOUND) if info is None else encode_result(Status.OK, info)
-
-    def _topics_query(self, args: list[Any], reader: Reader) -> bytes:
-        arity(args, (0,), "EVENTS_TOPICS takes []")
-        return encode_result(Status.OK, [[name, t.incarnation, t.first, t.next] for name, t in sorted(self.topics.items())])
 
     def info(self, name: str) -> list[Any] | None:
         """[incarnation, first, next, bytes, max_events, max_bytes, max_age_ms, [[group, offset], ...]]."""
