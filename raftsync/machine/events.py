@@ -4,7 +4,7 @@ committed offsets of consumer groups.
 A topic is created by its first publish (with the default retention) or by
 EVENTS_CONFIGURE. Each event gets its topic's next offset: offsets start at 0 and are
 dense, so on every replica the n-th event published to a topic is at offset n. An
-event is ``[payload, key, stamp]``: the payload is msgpack bytes (opaque here), the
+event, as commands and reads carry it, is ``[payload, key, stamp]``: the payload is msgpack bytes (opaque here), the
 key a str or None, the stamp ``[physical_ms, logical]`` from the publisher's hybrid
 logical clock. A publish carries one or more events and applies all or none of them,
 at consecutive offsets.
