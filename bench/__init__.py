@@ -8,4 +8,6 @@ Modules, one concern each:
 - ``workloads``: the suite of measurements, run the same way against either system.
 - ``report``: the printed table and the targets from PEERS.md.
 - ``run``: the command line.
+- ``events``: event stream figures (``python -m bench.events``): publish latency and
+  events/s with and without ``publish_many``, publish -> consume latency across nodes.
 """

@@ -233,6 +233,111 @@ class Agent:
     def op_monotonic(self) -> float:
         return time.monotonic()
 
+    # -- events ------------------------------------------------------------------------
+
+    def op_events_publish(self, topic: str, payload: Any, key: str | None = None, timeout: float | None = 10.0) -> int:
+        return self.node.events(topic).publish(payload, key=key, timeout=timeout)
+
+    def op_events_publish_many(self, topic: str, payloads: list[Any], timeout: float | None = 10.0) -> list[int]:
+        return self.node.events(topic).publish_many(payloads, timeout=timeout)
+
+    def op_events_read_all(self, topic: str, consistency: str = "linearizable") -> list[list[Any]]:
+        """Every retained event of ``topic``: [offset, payload, key, stamp]."""
+        stream = self.node.events(topic)
+        info = stream.info(consistency=consistency, timeout=10)
+        events, offset = [], info.first_offset
+        while offset < info.next_offset:
+            batch = stream.read(offset, consistency=consistency, timeout=10)
+            events.extend([e.offset, e.payload, e.key, list(e.stamp)] for e in batch)
+            offset += len(batch)
+        return events
+
+    def op_events_info(self, topic: str) -> dict[str, Any]:
+        info = self.node.events(topic).info(timeout=10)
+        return {"first": info.first_offset, "next": info.next_offset, "groups": info.groups}
+
+    def op_events_configure(self, topic: str, **retention: Any) -> dict[str, Any]:
+        info = self.node.events(topic).configure(timeout=10, **retention)
+        return {"first": info.first_offset, "next": info.next_offset}
+
+    def op_events_publish_load(self, name: str, topic: str, count: int, timeout: float = 2.0, batch: int = 1,
+                               pause: float = 0.0, seconds: float = 60.0) -> bool:
+        """Publish ``count`` events with unique payloads "<name>-<i>" in the background, one
+        call per ``batch``; records ("published", name, [payload, offset]) for each
+        acknowledged one, ("publish_unknown", name, payload) for each OutcomeUnknown,
+        ("publish_failed", name, [payload, error]) for an error that says nothing was
+        sent, and ("publish_done", name, attempts) at the end."""
+        from raftsync.errors import OutcomeUnknown
+
+        def run() -> None:
+            stream = self.node.events(topic)
+            end = time.monotonic() + seconds
+            attempts = 0
+            for start in range(0, count, batch):
+                if time.monotonic() >= end:
+                    break
+                payloads = [f"{name}-{i}" for i in range(start, min(count, start + batch))]
+                attempts += 1
+                try:
+                    offsets = stream.publish_many(payloads, timeout=timeout) if batch > 1 else [
+                        stream.publish(payloads[0], timeout=timeout)]
+                except OutcomeUnknown:
+                    for payload in payloads:
+                        self.record("publish_unknown", name, payload)
+                except RaftsyncError as exc:
+                    for payload in payloads:
+                        self.record("publish_failed", name, [payload, type(exc).__name__])
+                else:
+                    for payload, offset in zip(payloads, offsets):
+                        self.record("published", name, [payload, offset])
+                if pause:
+                    time.sleep(pause)
+            self.record("publish_done", name, attempts)
+        threading.Thread(target=run, daemon=True).start()
+        return True
+
+    def op_events_follow(self, name: str, topic: str, from_offset: int | None = 0, group: str | None = None) -> bool:
+        """Record every event of ``topic`` as ("event", name, [offset, payload, stamp]) in
+        the background (a subscription acknowledging per batch if ``group``)."""
+        subscription = self.node.events(topic).subscribe(group=group, from_offset=from_offset, timeout=10)
+        self.handles[f"follow/{name}"] = subscription
+
+        def run() -> None:
+            try:
+                for event in subscription:
+                    self.record("event", name, [event.offset, event.payload, list(event.stamp)])
+            except RaftsyncError as exc:
+                self.record("follow_error", name, type(exc).__name__)
+        threading.Thread(target=run, daemon=True).start()
+        return True
+
+    def op_events_subscribe(self, name: str, topic: str, group: str | None = None, from_offset: int | None = None,
+                            ack: str = "explicit") -> int:
+        """Open a subscription kept as ``name``; returns where it starts."""
+        subscription = self.handles[f"sub/{name}"] = self.node.events(topic).subscribe(
+            group=group, from_offset=from_offset, ack=ack, timeout=10)
+        return subscription.position
+
+    def op_events_consume(self, name: str, count: int, ack_each: bool = False, timeout: float = 10.0,
+                          stamps: bool = False) -> list[list[Any]]:
+        """Take ``count`` events from subscription ``name`` ([offset, payload] each, and
+        the stamp if ``stamps``), acknowledging each one after taking it if ``ack_each``."""
+        subscription = self.handles[f"sub/{name}"]
+        taken = []
+        for _ in range(count):
+            event = subscription.get(timeout=timeout)
+            taken.append([event.offset, event.payload] + ([list(event.stamp)] if stamps else []))
+            if ack_each:
+                subscription.ack(event, timeout=timeout)
+        return taken
+
+    def op_events_ack(self, name: str) -> int:
+        """Acknowledge every event subscription ``name`` delivered; the group's offset."""
+        return self.handles[f"sub/{name}"].ack(timeout=10)
+
+    def op_hlc(self) -> list[int]:
+        return list(self.node.hlc())
+
     # -- bench ops (bench/): each times its operations in this app process -------------
 
     def op_bench_writes(self, count: int, size: int = 100, warmup: int = 20, max_seconds: float = 30.0,
@@ -265,6 +370,75 @@ class Agent:
         data.write(key, b"x" * size, timeout=10)
         return timed_loop(lambda i: data.read(key, consistency=consistency, timeout=10),
                           count, warmup, max_seconds)
+
+    def op_bench_events_consumer(self, name: str, topic: str, count: int, max_seconds: float = 60.0) -> int:
+        """Start a subscriber on ``topic`` (from its end) in the background that takes up to
+        ``count`` events; for each it notes time.monotonic() on delivery minus the
+        publisher's time.monotonic() in the payload (``"t"``): publish-to-consume latency
+        on one host. Returns where it starts; the result comes from bench_events_consumed."""
+        subscription = self.node.events(topic).subscribe(batch_size=1000, timeout=10)
+        done = threading.Event()
+        result: dict[str, Any] = {"latencies": [], "received": 0, "elapsed": 0.0, "error": None}
+        self.handles[f"bench-consumer/{name}"] = (done, result)
+
+        def run() -> None:
+            latencies = result["latencies"]
+            deadline = time.monotonic() + max_seconds
+            first = None
+            try:
+                while len(latencies) < count and time.monotonic() < deadline:
+                    try:
+                        event = subscription.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except RaftsyncError as exc:
+                        if not isinstance(exc, TimeoutError):
+                            result["error"] = f"{type(exc).__name__}: {exc}"
+                        break
+                    now = time.monotonic()
+                    first = first or now
+                    latencies.append(now - event.payload["t"])
+                result["elapsed"] = (time.monotonic() - first) if first else 0.0
+            finally:
+                subscription.close()
+                done.set()
+        threading.Thread(target=run, daemon=True).start()
+        return subscription.position
+
+    def op_bench_events_consumed(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
+        done, result = self.handles.pop(f"bench-consumer/{name}")
+        done.wait(timeout)
+        return {"latencies": result["latencies"], "elapsed": result["elapsed"], "failures": 0,
+                "first_error": result["error"]}
+
+    def op_bench_events_publish(self, topic: str, count: int, size: int = 100, batch: int = 1, threads: int = 1,
+                                warmup: int = 20, max_seconds: float = 30.0) -> dict[str, Any]:
+        """``threads`` publishers, each timing sequential ``publish`` calls (``batch`` 1) or
+        ``publish_many`` calls of ``batch`` events, ``size`` bytes of padding each, with
+        time.monotonic() at the call in the payload (for consumers' latency). Latencies
+        are per call; ``events`` is how many events were published in the timed part."""
+        from bench.timing import timed_loop
+        stream = self.node.events(topic)
+        pad = b"x" * size
+
+        def call(_: int) -> None:
+            if batch == 1:
+                stream.publish({"t": time.monotonic(), "pad": pad}, timeout=10)
+            else:
+                now = time.monotonic()
+                stream.publish_many([{"t": now, "pad": pad}] * batch, timeout=10)
+
+        results: list[dict[str, Any]] = []
+        workers = [threading.Thread(target=lambda: results.append(timed_loop(call, count, warmup, max_seconds)))
+                   for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        merged = {"latencies": [x for r in results for x in r["latencies"]],
+                  "elapsed": max(r["elapsed"] for r in results),
+                  "failures": sum(r["failures"] for r in results),
+                  "first_error": next((r["first_error"] for r in results if r["first_error"]), None)}
+        merged["events"] = len(merged["latencies"]) * batch
+        return merged
 
     # -- serving -----------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ there is no external coordinator. See DESIGN.md in the repository for the contra
 """
 
 from .data import Change, Data, Record
+from .events import Event, Events, Subscription, TopicInfo
 from .leader import Election, LeaderInfo, Term
 from .errors import (BadRequest, Closed, Compacted, ConfigError, ConfigWarning, Conflict, LockTimeout, NoQuorum,
                      NotFound, NotHeld, RaftsyncError, SessionExpired, Timeout, TooLarge)
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Node", "Session", "Data", "Record", "Change", "Lock", "Lease", "Semaphore", "RWLock", "Election", "Term", "LeaderInfo",
-    "WatchStream",
+    "WatchStream", "Events", "Event", "Subscription", "TopicInfo",
     "RaftsyncError", "BadRequest", "Closed", "Compacted", "ConfigError", "ConfigWarning", "Conflict", "LockTimeout",
     "NoQuorum", "NotFound", "NotHeld", "SessionExpired", "Timeout", "TooLarge",
     "Clock", "LocalClock", "NtpClock", "TimeInterval", "HybridLogicalClock", "HLCTimestamp", "ClockUnsynchronized",

@@ -56,6 +56,12 @@ class Op(IntEnum):
     RW_ACQUIRE = 43
     RW_RELEASE = 44
     RW_WITHDRAW = 45
+    EVENTS_PUBLISH = 60
+    EVENTS_COMMIT = 61
+    EVENTS_CONFIGURE = 62
+    EVENTS_DELETE = 63
+    EVENTS_DELETE_GROUP = 64
+    EVENTS_TRIM = 65
 
 
 class Query(IntEnum):
@@ -69,6 +75,8 @@ class Query(IntEnum):
     LEADER_QUEUE = 6
     SEM_INFO = 7
     RW_INFO = 8
+    EVENTS_READ = 20
+    EVENTS_INFO = 21
 
 
 class Status(IntEnum):

@@ -10,6 +10,7 @@ from typing import Any
 from .config import NodeConfig, load_config
 from .data import Data
 from .errors import Closed, ConfigError, ConfigWarning, RaftsyncError
+from .events import Events
 from .leader import Election
 from .lock import Lock, RWLock, Semaphore
 from .replica import Replica, deadline_after
@@ -171,3 +172,8 @@ class Node:
         """The read/write lock ``name``; take handles with ``read_lock()`` / ``write_lock()``."""
         self._require_started()
         return RWLock(self._replica, name, ttl=ttl, session=session)
+
+    def events(self, topic: str) -> Events:
+        """A handle on the event stream ``topic`` (publish, subscribe, consumer groups)."""
+        self._require_started()
+        return Events(self._replica, topic, self._hlc)

@@ -13,6 +13,11 @@ _watch_ids = itertools.count(1)
 _END = object()
 
 
+def new_watch_id() -> int:
+    """A watch id unique in this process (the replica routes pushed changes by it)."""
+    return next(_watch_ids)
+
+
 class WatchStream(Generic[T]):
     """Iterate to receive changes in commit order; ``get(timeout)`` for one; ``close()`` to stop.
 
@@ -21,7 +26,7 @@ class WatchStream(Generic[T]):
 
     def __init__(self, replica: Any, kind: str, key: str, from_revision: int | None,
                  convert: Callable[[str, Any], T]) -> None:
-        self.id = next(_watch_ids)
+        self.id = new_watch_id()
         self._replica = replica
         self._convert = convert
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

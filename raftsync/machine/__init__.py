@@ -27,6 +27,7 @@ import msgpack
 
 from ..codec import NOT_APPLIED, Op, Status, decode_command, decode_query, encode_result
 from .effects import Keepalive, SessionEnded, SessionOpened
+from .events import EventsTable
 from .kv import KeyValue
 from .ownership import ElectionTable, LockTable, RWLockTable, SemaphoreTable
 from .sessions import MAX_TTL_MS, MIN_TTL_MS, Sessions
@@ -45,8 +46,9 @@ class StateMachine:
         self.leaders = ElectionTable()
         self.semaphores = SemaphoreTable()
         self.rwlocks = RWLockTable()
+        self.events = EventsTable()
         self.tables: list[Table] = [self.sessions, self.kv, self.locks, self.leaders, self.semaphores,
-                                    self.rwlocks]
+                                    self.rwlocks, self.events]
         self._commands: dict[int, Callable[[Context, int, list[Any]], bytes]] = {}
         self._engine_commands: dict[int, Callable[[Context, list[Any]], bytes]] = {
             Op.KEEPALIVE: self._keepalive,
@@ -221,7 +223,7 @@ class StateMachine:
         machine = cls()
         machine.index = state["index"]
         for table in machine.tables:
-            if table.name in state:
+            if table.name in state:  # a table newer than the snapshot starts empty
                 table.load_state(state[table.name])
         if "leader" not in state:
             machine.leaders.history.compacted_revision = machine.index  # nothing known before
