@@ -56,6 +56,16 @@ class Op(IntEnum):
     RW_ACQUIRE = 43
     RW_RELEASE = 44
     RW_WITHDRAW = 45
+    TASK_SUBMIT = 50
+    TASK_WORKER = 51
+    TASK_COMPLETE = 52
+    TASK_FAIL = 53
+    TASK_PROGRESS = 54
+    TASK_CANCEL = 55
+    TASK_EXPIRE = 56
+    TASK_SCHEDULE = 57
+    TASK_SLOT = 58
+    TASK_TICK = 59
 
 
 class Query(IntEnum):
@@ -69,6 +79,9 @@ class Query(IntEnum):
     LEADER_QUEUE = 6
     SEM_INFO = 7
     RW_INFO = 8
+    TASK_JOB = 15
+    TASK_INFO = 16
+    TASK_SCHEDULES = 17
 
 
 class Status(IntEnum):

@@ -31,6 +31,7 @@ from .kv import KeyValue
 from .ownership import ElectionTable, LockTable, OwnershipTable, RWLockTable, SemaphoreTable
 from .sessions import MAX_TTL_MS, MIN_TTL_MS, Sessions
 from .table import Context, Invalid, Reader, Table, WatchKind, int_arg
+from .tasks import TaskTable
 
 SNAPSHOT_VERSION = 2
 OK = encode_result(Status.OK)
@@ -45,8 +46,9 @@ class StateMachine:
         self.leaders = ElectionTable()
         self.semaphores = SemaphoreTable()
         self.rwlocks = RWLockTable()
+        self.tasks = TaskTable()
         self.tables: list[Table] = [self.sessions, self.kv, self.locks, self.leaders, self.semaphores,
-                                    self.rwlocks]
+                                    self.rwlocks, self.tasks]
         self._commands: dict[int, Callable[[Context, int, list[Any]], bytes]] = {}
         self._engine_commands: dict[int, Callable[[Context, list[Any]], bytes]] = {
             Op.KEEPALIVE: self._keepalive,
@@ -221,5 +223,6 @@ class StateMachine:
         machine = cls()
         machine.index = state["index"]
         for table in machine.tables:
-            table.load_state(state[table.name])
+            if table.name in state:  # a table newer than the snapshot starts empty
+                table.load_state(state[table.name])
         return machine
