@@ -14,6 +14,7 @@ from .leader import Election
 from .lock import Lock, RWLock, Semaphore
 from .replica import Replica, deadline_after
 from .session import Session
+from .tasks import Tasks
 from .time import Clock, HLCTimestamp, HybridLogicalClock, clock_from_config
 
 
@@ -171,3 +172,10 @@ class Node:
         """The read/write lock ``name``; take handles with ``read_lock()`` / ``write_lock()``."""
         self._require_started()
         return RWLock(self._replica, name, ttl=ttl, session=session)
+
+    def tasks(self, pool: int = 10, session: Session | None = None) -> Tasks:
+        """Submit jobs and schedules; with handlers (``@tasks.handler(name)``), also a worker
+        running up to ``pool`` jobs at once. ``session``: register the worker under an
+        explicit session instead of the node's default one."""
+        self._require_started()
+        return Tasks(self._replica, pool, session=session)
