@@ -8,4 +8,6 @@ Modules, one concern each:
 - ``workloads``: the suite of measurements, run the same way against either system.
 - ``report``: the printed table and the targets from PEERS.md.
 - ``run``: the command line.
+- ``tasks``: Tasks figures (``python -m bench.tasks``): jobs/s through a pool of workers
+  and submit->start latency.
 """

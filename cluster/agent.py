@@ -391,6 +391,21 @@ class Agent:
             lock.release()
         return timed_loop(cycle, count, warmup, max_seconds)
 
+    def op_bench_task_latency(self, count: int, name: str = "noop", max_seconds: float = 30.0) -> list[list[Any]]:
+        """One job at a time (submit, wait for its result): [job id, monotonic time just
+        before the submit call, monotonic time the result was back] each."""
+        tasks = self._tasks()
+        rows = []
+        end = time.monotonic() + max_seconds
+        for number in range(count):
+            if time.monotonic() >= end:
+                break
+            started = time.monotonic()
+            job = tasks.submit(name, number, request_timeout=10)
+            job.result(timeout=10)
+            rows.append([job.id, started, time.monotonic()])
+        return rows
+
     def op_bench_reads(self, count: int, consistency: str = "linearizable", warmup: int = 20,
                        max_seconds: float = 30.0, key: str = "bench/read", size: int = 100) -> dict[str, Any]:
         """Writes ``key`` once, then sequential ``data().read(key, consistency)``, each
