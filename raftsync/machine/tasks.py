@@ -603,16 +603,21 @@ class TaskTable(Table):
         self._dispatch(ctx, [job.name], avoid)
 
     def _dispatch(self, ctx: Context, names: Iterable[str], avoid: WorkerKey | None = None) -> None:
-        """Hand queued jobs of these handler names to workers with free slots."""
-        for name in names:
-            queue = self.queues.get(name)
-            while queue:
-                worker = self._free_worker(name, avoid)
-                if worker is None:
-                    break
-                self._assign(ctx, self.jobs[queue.popleft()], worker)
-            if queue is not None and not queue:
+        """Hand queued jobs of these handler names to workers with free slots, the oldest
+        waiting job first across the names (a worker serving two names with a backlog on
+        one still gets the other's jobs in their turn)."""
+        pending = [name for name in dict.fromkeys(names) if self.queues.get(name)]
+        while pending:
+            name = min(pending, key=lambda candidate: self.queues[candidate][0])
+            worker = self._free_worker(name, avoid)
+            if worker is None:
+                pending.remove(name)
+                continue
+            queue = self.queues[name]
+            self._assign(ctx, self.jobs[queue.popleft()], worker)
+            if not queue:
                 del self.queues[name]
+                pending.remove(name)
 
     def _free_worker(self, name: str, avoid: WorkerKey | None) -> Worker | None:
         """The worker serving ``name`` with the most free slots, then the least recently

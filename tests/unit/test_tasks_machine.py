@@ -652,3 +652,20 @@ def test_long_random_histories_keep_the_invariants_and_replay_identically_throug
         hopping = StateMachine.restore(hopping.snapshot())  # a snapshot installed before every entry
         assert (hopping.apply(command, hop_effects), hop_effects) == (result, effects)
     assert replica.snapshot() == c.m.snapshot() == hopping.snapshot()
+
+
+def test_a_worker_serving_two_names_takes_the_oldest_waiting_job_first():
+    c = Cluster()
+    c.worker(2, ["a", "b"], 1)
+    _, (running, _), effects = c.submit(1, "a")
+    token = assigned(effects)[0].token
+    backlog = [c.submit(1, "a")[1][0] for _ in range(2)]
+    other = c.submit(1, "b")[1][0]
+    later = c.submit(1, "a")[1][0]
+    order = []
+    for _ in range(4):
+        _, _, effects = c.do(2, Op.TASK_COMPLETE, running, token, b"\xc0")
+        [claim] = assigned(effects)
+        order.append(claim.job_id)
+        running, token = claim.job_id, claim.token
+    assert order == [backlog[0], backlog[1], other, later]  # "b" is not starved by "a"'s backlog
