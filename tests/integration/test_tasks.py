@@ -44,12 +44,19 @@ def runs_by_job(cluster, name):
     return runs
 
 
-def check_serving(cluster):
-    """Liveness after faults: every member answers linearizable reads and runs a job."""
+def check_serving(cluster, restart=()):
+    """Liveness after faults: restart what was killed; every member then answers
+    linearizable reads, a lock is acquirable and a job runs."""
+    for node in restart:
+        node.start()
+        node.call("wait_ready", timeout=20, rpc_timeout=30)
     live = [node for node in cluster.nodes if node.running]
+    assert len(live) == len(cluster.nodes)
+    live[0].call("kv_write", key="alive", value=b"1", timeout=20)
     for node in live:
-        node.call("kv_write", key=f"alive/{node.index}", value=b"1", timeout=20)
-        assert node.call("kv_read", key=f"alive/{node.index}")[0] == b"1"
+        assert node.call("kv_read", key="alive", timeout=20)[0] == b"1"
+        node.call("lock_acquire", handle=f"after{node.index}", name="after", timeout=20)
+        node.call("lock_release", handle=f"after{node.index}")
     job_id, _ = live[0].call("task_submit", name="echo", payload="after")
     assert live[-1].call("task_results", job_ids=[job_id], timeout=20)[0][1] == "done"
 
@@ -109,6 +116,24 @@ def test_idempotent_resubmit_returns_the_same_job(workers):
     assert len(runs_by_job(workers, "echo")[first]) == 1
 
 
+def test_overrunning_job_is_queued_again_and_the_late_result_refused(workers):
+    a, b, c = workers.nodes
+    refused_before = sum(node.call("task_stats")["refused"] for node in workers.nodes)
+    # attempt 1 overruns its 1 s visibility deadline (the handler waits up to 20 s, or
+    # until it sees its claim end); attempt 2 returns at once
+    job_id, _ = a.call("task_submit", name="sleep", payload={"seconds": 20, "first_only": True}, timeout=1.0)
+    [[_, state, result]] = b.call("task_results", job_ids=[job_id], timeout=20)
+    assert state == "done" and result["attempt"] == 2
+    runs = sorted(runs_by_job(workers, "sleep")[job_id], key=lambda run: run[1])
+    assert [run[1] for run in runs] == [1, 2] and runs[1][2] > runs[0][2]
+    # the first handler was told its claim ended, returned, and its result was refused
+    wait_for(lambda: sum(node.call("task_stats")["refused"] for node in workers.nodes) == refused_before + 1, 10,
+             "the overrun attempt's result to be refused")
+    ends = [e for node in workers.nodes for e in events(node, "task_end", "sleep") if e[0] == job_id]
+    assert sorted((attempt, cancelled) for _, attempt, _, cancelled in ends) == [(1, True), (2, False)]
+    assert c.call("task_status", job_id=job_id)["result"]["token"] == runs[1][2]
+
+
 def test_status_progress_cancel_and_typed_errors(workers):
     a, b, c = workers.nodes
     job_id, _ = a.call("task_submit", name="sleep", payload={"seconds": 30}, timeout=60)
@@ -162,7 +187,7 @@ def test_sigkilled_worker_job_runs_again_elsewhere_and_its_late_result_is_refuse
     # the dead claim's result, arriving late, is refused and changes nothing
     assert survivors[0].call("task_complete_raw", job_id=job_id, token=old_token, result="late") == "NOT_HELD"
     assert survivors[1].call("task_status", job_id=job_id)["result"]["attempt"] == 2
-    check_serving(cluster)
+    check_serving(cluster, restart=[victim])
 
 
 def test_paused_worker_loses_its_job_and_its_result_after_resuming_is_refused(make_cluster):
@@ -224,4 +249,4 @@ def test_every_schedule_keeps_its_cadence_through_a_leader_kill(make_cluster):
     # full period after its election
     assert max(gaps) < 1.0 + 0.8 + TTL + 3.0, gaps
     assert sorted(gaps)[len(gaps) // 2] < 2.5, gaps
-    check_serving(cluster)
+    check_serving(cluster, restart=[leader])
