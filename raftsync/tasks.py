@@ -560,7 +560,14 @@ class Tasks:
             try:
                 self._register(time.monotonic() + self._replica.config.quorum_timeout)
                 attempt = 0
-            except Closed:
+            except Closed:  # the node closed (its sessions ended: the cluster freed our claims)
+                with self._guard:
+                    self._state = "left"
+                    unfinished = list(self._claims.values())
+                for claim in unfinished:
+                    claim._revoke("node closed")
+                for _ in self._threads:
+                    self._work.put(None)
                 return
             except RaftsyncError as exc:
                 attempt += 1
@@ -684,7 +691,8 @@ class Tasks:
             self._state = "draining"
             registered = bool(self._threads)
         if not registered:
-            self._state = "left"
+            with self._guard:
+                self._state = "left"
             return
         deadline = time.monotonic() + timeout
         try:

@@ -250,3 +250,32 @@ def test_every_schedule_keeps_its_cadence_through_a_leader_kill(make_cluster):
     assert max(gaps) < 1.0 + 0.8 + TTL + 3.0, gaps
     assert sorted(gaps)[len(gaps) // 2] < 2.5, gaps
     check_serving(cluster, restart=[leader])
+
+
+@pytest.mark.slow
+def test_jobs_survive_repeated_worker_kills(make_cluster):
+    """Workers (with their engines) SIGKILLed and restarted while 300 jobs run: every job
+    ends done; a job ran more than once only if a worker died holding it, and its result
+    is that of its last claim."""
+    cluster = make_cluster(3, session_ttl=TTL)
+    for node in cluster.nodes:
+        node.call("tasks_start", pool=3, handlers=["sleep", "echo"])
+    submitted = cluster.nodes[0].call("task_submit_many", name="sleep", count=300, threads=4,
+                                      payload={"seconds": 0.05}, timeout=30)
+    job_ids = [job_id for job_id, _ in submitted]
+    assert None not in job_ids and len(job_ids) == 300
+    killed_runs: list = []
+    for round_ in range(4):
+        victim = cluster.nodes[1 + round_ % 2]  # node 0 keeps the submitter's events
+        killed_runs.extend(runs_by_job(cluster, "sleep").items())
+        victim.kill()
+        time.sleep(1.0)  # fault schedule: let jobs move while it is down
+        victim.start()
+        victim.call("wait_ready", timeout=20, rpc_timeout=30)
+        victim.call("tasks_start", pool=3, handlers=["sleep", "echo"])
+    results = cluster.nodes[0].call("task_results", job_ids=job_ids, timeout=120, rpc_timeout=150)
+    assert [state for _, state, _ in results] == ["done"] * 300
+    for job_id, _, result in results:
+        status = cluster.nodes[0].call("task_status", job_id=job_id)
+        assert result["token"] == status["token"], "the result of a claim that was not the last one"
+    check_serving(cluster)
