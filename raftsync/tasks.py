@@ -120,8 +120,10 @@ def _raise_for(status: int, payload: Any, what: str, name: str = "") -> None:
 @dataclass(frozen=True)
 class JobStatus:
     """A job as the cluster knows it. ``state``: queued, delayed, running, done, dead or
-    cancelled; ``progress`` is the handler's last report; ``result`` (done) and
-    ``error`` (dead, cancelled, or the last failed attempt's) as kept by the cluster."""
+    cancelled; ``attempt``: claims so far; ``token``: while running (and once done or
+    dead-lettered) the fencing token of its claim; ``progress`` is the handler's last
+    report; ``result`` (done) and ``error`` (dead, cancelled, or the last failed
+    attempt's) as kept by the cluster."""
 
     id: int
     name: str | None
