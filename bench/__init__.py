@@ -10,4 +10,6 @@ Modules, one concern each:
 - ``run``: the command line.
 - ``events``: event stream figures (``python -m bench.events``): publish latency and
   events/s with and without ``publish_many``, publish -> consume latency across nodes.
+- ``tasks``: Tasks figures (``python -m bench.tasks``): jobs/s through a pool of workers
+  and submit->start latency.
 """

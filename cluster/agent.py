@@ -338,6 +338,141 @@ class Agent:
     def op_hlc(self) -> list[int]:
         return list(self.node.hlc())
 
+    # -- tasks ---------------------------------------------------------------------------
+
+    def _tasks(self, pool: int = 4) -> Any:
+        """This agent's one Tasks object: a submitter, and a worker once it has handlers."""
+        tasks = self.handles.get("tasks")
+        if tasks is None:
+            tasks = self.handles["tasks"] = self.node.tasks(pool=pool)
+        return tasks
+
+    def op_tasks_start(self, pool: int = 4, handlers: list[str] | None = None) -> int:
+        """Serve test handlers (all by default): "echo" returns its payload with where and
+        how it ran; "sleep" sleeps payload["seconds"] (only on attempt 1 if
+        payload["first_only"]) unless cancelled; "fail" raises; "noop" returns None. Each
+        records ("task_start", name, [job id, attempt, token, schedule, slot, monotonic])
+        and ("task_end", name, [job id, attempt, token, cancelled])."""
+        tasks = self._tasks(pool)
+        address = self.node.address
+
+        def recorded(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
+            def handler(job: Any) -> Any:
+                self.record("task_start", job.name, [job.id, job.attempt, job.token, job.schedule, job.slot,
+                                                     time.monotonic()])
+                try:
+                    return run(job)
+                finally:
+                    self.record("task_end", job.name, [job.id, job.attempt, job.token, job.cancelled.is_set()])
+            return handler
+
+        def echo(job: Any) -> Any:
+            return {"payload": job.payload, "node": address, "attempt": job.attempt, "token": job.token}
+
+        def sleep(job: Any) -> Any:
+            payload = job.payload or {}
+            if job.attempt == 1 or not payload.get("first_only"):
+                job.cancelled.wait(payload.get("seconds", 1.0))
+            return {"node": address, "attempt": job.attempt, "token": job.token}
+
+        def fail(job: Any) -> Any:
+            raise RuntimeError(f"failing on attempt {job.attempt}")
+
+        available = {"echo": echo, "sleep": sleep, "fail": fail, "noop": lambda job: None}
+        for name in handlers or sorted(available):
+            tasks.register(name, recorded(available[name]))
+        return tasks.worker_id
+
+    def op_tasks_close(self, timeout: float = 10.0) -> bool:
+        self._tasks().close(timeout)
+        return True
+
+    def op_task_submit(self, name: str, payload: Any = None, **options: Any) -> list[Any]:
+        job = self._tasks().submit(name, payload, request_timeout=options.pop("request_timeout", 20.0), **options)
+        return [job.id, job.created]
+
+    def op_task_submit_many(self, name: str, count: int, threads: int = 8, payload: Any = None,
+                            **options: Any) -> list[list[Any]]:
+        """Submit ``count`` jobs from ``threads`` threads; [job id, monotonic time just before
+        its submit call] each, in submit order per thread ([None, "Error: text"] for a
+        submit that raised)."""
+        tasks = self._tasks()
+        submitted: list[list[Any]] = []
+        guard = threading.Lock()
+        numbers = iter(range(count))
+
+        def run() -> None:
+            while True:
+                with guard:
+                    number = next(numbers, None)
+                if number is None:
+                    return
+                started = time.monotonic()
+                try:
+                    job = tasks.submit(name, payload if payload is not None else number, request_timeout=30,
+                                       **options)
+                    outcome = [job.id, started]
+                except RaftsyncError as exc:
+                    outcome = [None, f"{type(exc).__name__}: {exc}"]
+                with guard:
+                    submitted.append(outcome)
+        workers = [threading.Thread(target=run) for _ in range(threads)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join(120)
+        return submitted
+
+    def op_task_results(self, job_ids: list[int], timeout: float = 60.0) -> list[list[Any]]:
+        """[job id, state, result or error] of each job once finished (one deadline for all)."""
+        from raftsync import JobFailed
+        deadline = time.monotonic() + timeout
+        results = []
+        for job_id in job_ids:
+            job = self._tasks().job(job_id)
+            try:
+                results.append([job_id, "done", job.result(timeout=max(0.0, deadline - time.monotonic()))])
+            except JobFailed as exc:
+                results.append([job_id, exc.state, exc.error])
+        return results
+
+    def op_task_status(self, job_id: int, consistency: str = "linearizable") -> dict[str, Any]:
+        from dataclasses import asdict
+        return asdict(self._tasks().job(job_id).status(consistency))
+
+    def op_task_cancel(self, job_id: int) -> bool:
+        return self._tasks().job(job_id).cancel(timeout=10)
+
+    def op_task_complete_raw(self, job_id: int, token: int, result: Any = None) -> str:
+        """Send a completion for (job, token) from this node's default session, as a late
+        or forged result would come; returns the machine's answer (OK, NOT_HELD, ...)."""
+        import msgpack
+        from raftsync.codec import Op, Status
+        from raftsync.replica import deadline_after
+        replica = self.node._replica
+        status, _ = replica.submit(replica.sessions.default(deadline_after(10)), Op.TASK_COMPLETE,
+                                   [job_id, token, msgpack.packb(result)], deadline_after(10), "raw complete")
+        return Status(status).name
+
+    def op_task_schedule(self, name: str, handler: str, **options: Any) -> int:
+        return self._tasks().schedule(name, handler, request_timeout=20, **options)
+
+    def op_task_unschedule(self, name: str) -> bool:
+        self._tasks().unschedule(name, request_timeout=20)
+        return True
+
+    def op_task_schedules(self) -> list[list[Any]]:
+        return [[s.name, s.handler, s.every, s.cron, s.last_slot, s.version, s.skipped]
+                for s in self._tasks().schedules()]
+
+    def op_task_info(self) -> dict[str, Any]:
+        return self._tasks().info()
+
+    def op_task_stats(self) -> dict[str, int]:
+        tasks = self._tasks()
+        with tasks._guard:
+            return dict(tasks.stats)
+
     # -- bench ops (bench/): each times its operations in this app process -------------
 
     def op_bench_writes(self, count: int, size: int = 100, warmup: int = 20, max_seconds: float = 30.0,
@@ -360,6 +495,21 @@ class Agent:
             lock.acquire(timeout=10)
             lock.release()
         return timed_loop(cycle, count, warmup, max_seconds)
+
+    def op_bench_task_latency(self, count: int, name: str = "noop", max_seconds: float = 30.0) -> list[list[Any]]:
+        """One job at a time (submit, wait for its result): [job id, monotonic time just
+        before the submit call, monotonic time the result was back] each."""
+        tasks = self._tasks()
+        rows = []
+        end = time.monotonic() + max_seconds
+        for number in range(count):
+            if time.monotonic() >= end:
+                break
+            started = time.monotonic()
+            job = tasks.submit(name, number, request_timeout=10)
+            job.result(timeout=10)
+            rows.append([job.id, started, time.monotonic()])
+        return rows
 
     def op_bench_reads(self, count: int, consistency: str = "linearizable", warmup: int = 20,
                        max_seconds: float = 30.0, key: str = "bench/read", size: int = 100) -> dict[str, Any]:

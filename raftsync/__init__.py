@@ -13,6 +13,8 @@ from .lock import Lease, Lock, RWLock, Semaphore
 from .node import Node
 from .session import Session
 from .errors import ClockUnsynchronized
+from .errors import JobFailed, UnknownHandler
+from .tasks import Job, JobContext, JobStatus, ScheduleInfo, Tasks
 from .time import Clock, HLCTimestamp, HybridLogicalClock, LocalClock, NtpClock, TimeInterval
 from .watch import WatchStream
 
@@ -24,4 +26,5 @@ __all__ = [
     "RaftsyncError", "BadRequest", "Closed", "Compacted", "ConfigError", "ConfigWarning", "Conflict", "LockTimeout",
     "NoQuorum", "NotFound", "NotHeld", "SessionExpired", "Timeout", "TooLarge",
     "Clock", "LocalClock", "NtpClock", "TimeInterval", "HybridLogicalClock", "HLCTimestamp", "ClockUnsynchronized",
+    "Tasks", "Job", "JobContext", "JobStatus", "ScheduleInfo", "JobFailed", "UnknownHandler",
 ]

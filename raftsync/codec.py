@@ -62,6 +62,16 @@ class Op(IntEnum):
     EVENTS_DELETE = 63
     EVENTS_DELETE_GROUP = 64
     EVENTS_TRIM = 65
+    TASK_SUBMIT = 50
+    TASK_WORKER = 51
+    TASK_COMPLETE = 52
+    TASK_FAIL = 53
+    TASK_PROGRESS = 54
+    TASK_CANCEL = 55
+    TASK_EXPIRE = 56
+    TASK_SCHEDULE = 57
+    TASK_SLOT = 58
+    TASK_TICK = 59
 
 
 class Query(IntEnum):
@@ -77,6 +87,9 @@ class Query(IntEnum):
     RW_INFO = 8
     EVENTS_READ = 20
     EVENTS_INFO = 21
+    TASK_JOB = 15
+    TASK_INFO = 16
+    TASK_SCHEDULES = 17
 
 
 class Status(IntEnum):

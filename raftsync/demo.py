@@ -70,6 +70,7 @@ def run_demo(size: int = 3, keep_dir: bool = False) -> int:
         value, version, revision = second.call("kv_read", key="greeting")
         _say(f"node {b} read it back linearizably: {value.decode()!r} (version {version}, revision {revision})")
         _show_events(first, second, a, b)
+        _show_tasks(cluster)
 
         if size < 3:
             _say(f"a group of {size} has no spare member (its quorum is {size}): skipping the leader kill")
@@ -107,6 +108,27 @@ def run_demo(size: int = 3, keep_dir: bool = False) -> int:
             _say(f"data dirs and logs kept in {cluster.base_dir}")
         else:
             cluster.cleanup()
+
+
+def _show_tasks(cluster) -> None:
+    """Jobs submitted on one node run on the workers of the others (claims by notification)."""
+    submitter, *others = cluster.nodes
+    workers = others or [submitter]
+    for node in workers:
+        node.call("tasks_start", pool=2, handlers=["echo", "fail"])
+    _say(f"tasks: workers (pool 2) on {', '.join(n.address for n in workers)}; node {submitter.address} "
+         f"submits 6 jobs")
+    submitted = [submitter.call("task_submit", name="echo", payload=f"job {i}")[0] for i in range(6)]
+    for job_id, _, result in submitter.call("task_results", job_ids=submitted, timeout=30):
+        _say(f"job {job_id} ({result['payload']!r}) ran on {result['node']} (attempt {result['attempt']}, "
+             f"fencing token {result['token']})")
+    again, created = workers[-1].call("task_submit", name="echo", payload="job 0", key="demo-once")
+    same, created_again = submitter.call("task_submit", name="echo", payload="job 0", key="demo-once")
+    _say(f"submitted twice with key 'demo-once' from two nodes: one job ({again} == {same}, "
+         f"created {created}/{created_again})")
+    failing = submitter.call("task_submit", name="fail", retries=2, backoff=0.1)[0]
+    [[_, state, error]] = workers[0].call("task_results", job_ids=[failing], timeout=30)
+    _say(f"a handler that always raises: retried with backoff, then {state} with {error!r}")
 
 
 def _show_synchronized_time() -> None:

@@ -88,3 +88,18 @@ class ClockUnsynchronized(RaftsyncError):
     succeeded, the responding servers do not agree (no majority), or the local kernel
     reports its clock unsynchronized. ``now_interval()`` raises it rather than invent
     a bound; ``physical_time()`` still answers, best effort."""
+
+
+class JobFailed(RaftsyncError):
+    """A task job ended without a result: dead-lettered after its attempts (``error`` is
+    the last attempt's error text) or cancelled (``state == "cancelled"``)."""
+
+    def __init__(self, message: str, job_id: int = 0, state: str = "dead", error: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.state = state
+        self.error = error
+
+
+class UnknownHandler(BadRequest):
+    """A job or schedule names a handler no worker has registered with the cluster."""

@@ -15,6 +15,7 @@ from .leader import Election
 from .lock import Lock, RWLock, Semaphore
 from .replica import Replica, deadline_after
 from .session import Session
+from .tasks import Tasks
 from .time import Clock, HLCTimestamp, HybridLogicalClock, clock_from_config
 
 
@@ -177,3 +178,10 @@ class Node:
         """A handle on the event stream ``topic`` (publish, subscribe, consumer groups)."""
         self._require_started()
         return Events(self._replica, topic, self._hlc)
+
+    def tasks(self, pool: int = 10, session: Session | None = None) -> Tasks:
+        """Submit jobs and schedules; with handlers (``@tasks.handler(name)``), also a worker
+        running up to ``pool`` jobs at once. ``session``: register the worker under an
+        explicit session instead of the node's default one."""
+        self._require_started()
+        return Tasks(self._replica, pool, session=session)

@@ -32,6 +32,7 @@ from .kv import KeyValue
 from .ownership import ElectionTable, LockTable, RWLockTable, SemaphoreTable
 from .sessions import MAX_TTL_MS, MIN_TTL_MS, Sessions
 from .table import Context, Invalid, Reader, Table, WatchKind, int_arg
+from .tasks import TaskTable
 
 SNAPSHOT_VERSION = 2
 OK = encode_result(Status.OK)
@@ -47,8 +48,9 @@ class StateMachine:
         self.semaphores = SemaphoreTable()
         self.rwlocks = RWLockTable()
         self.events = EventsTable()
+        self.tasks = TaskTable()
         self.tables: list[Table] = [self.sessions, self.kv, self.locks, self.leaders, self.semaphores,
-                                    self.rwlocks, self.events]
+                                    self.rwlocks, self.events, self.tasks]
         self._commands: dict[int, Callable[[Context, int, list[Any]], bytes]] = {}
         self._engine_commands: dict[int, Callable[[Context, list[Any]], bytes]] = {
             Op.KEEPALIVE: self._keepalive,
