@@ -349,9 +349,9 @@ def test_reads_are_bounded_by_count_and_bytes_but_answer_at_least_one_event(clie
 # -- retention by age (the leader duty) ------------------------------------------------------
 
 def age_duty(machine: StateMachine):
-    duty = machine.leader_duties()
-    assert len(duty) == 1
-    return duty[0]
+    duties = machine.events.leader_duties()
+    assert len(duties) == 1
+    return duties[0]
 
 
 def apply_all(machine: StateMachine, commands: list[bytes]) -> None:
