@@ -6,7 +6,7 @@ ends in the same state and returns the same result bytes. Time enters only throu
 commands (the Raft leader proposes expiries from its own monotonic clock).
 
 The machine is a list of tables (``machine/table.py`` says what a table declares):
-sessions, KV, locks, elections, semaphores, read/write locks. It dispatches commands
+sessions, KV, locks, elections, semaphores, read/write locks, events, tasks. It dispatches commands
 and queries to them, ends sessions across all of them, and snapshots them; a new
 primitive is one more table. The machine itself keeps what is common: the command
 index, sessions and their exactly-once results.
