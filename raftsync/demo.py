@@ -12,6 +12,13 @@ def _say(text: str) -> None:
     click.echo(click.style("==> ", fg="cyan") + text)
 
 
+def _wait_until(condition, timeout: float) -> None:
+    """Wait (bounded) until ``condition()`` holds; the demo then just reports what it sees."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def run_demo(size: int = 3, keep_dir: bool = False) -> int:
     from cluster import LocalCluster
 
@@ -38,11 +45,15 @@ def run_demo(size: int = 3, keep_dir: bool = False) -> int:
         waiting = threading.Thread(target=lambda: successor.setdefault("term", second.call(
             "leader_campaign", handle="e1", group="scheduler", candidate_id=f"node-{b}", timeout=30)))
         waiting.start()
-        time.sleep(0.2)
+        _wait_until(lambda: (first.call("lock_info", name="scheduler", table="leader") or [0, 0, []])[2], 10)
         first.call("leader_resign", handle="e0")
         waiting.join(30)
         _say(f"node {a} resigned; node {b} now leads with the larger term {successor['term']}")
-        history = [e[3] for e in third.call("events") if e[1] == "observed"]
+
+        def observed() -> list:
+            return [e[3] for e in third.call("events") if e[1] == "observed" and e[2] == "demo"]
+        _wait_until(lambda: len(observed()) >= 3, 10)  # node c applies the changes a moment later
+        history = observed()
         _say(f"node {c} observed every change in order: {[h[0] if h else None for h in history]}")
 
         _say(f"lock hand-off: node {a} holds 'report', nodes {b} and {c} wait (FIFO, woken by notification)")
