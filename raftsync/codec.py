@@ -175,6 +175,29 @@ def check_value(value: Any) -> bytes:
     return value
 
 
+def pack_value(value: Any, what: str, limit: int) -> bytes:
+    """A user's msgpack value (a task payload, an event) as bytes; BadRequest if msgpack
+    cannot encode it, TooLarge over ``limit`` bytes encoded."""
+    try:
+        data = msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadRequest(f"{what} must be a msgpack value: {exc}") from None
+    if len(data) > limit:
+        raise TooLarge(f"{what} is {len(data)} bytes encoded, limit {limit}")
+    return data
+
+
+def unpack_value(data: bytes | None) -> Any:
+    """The value ``pack_value`` made (None stays None). Bytes that are not msgpack (a raw
+    command, not this API) are handed over as they are rather than stop a reader."""
+    if data is None:
+        return None
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception:
+        return data
+
+
 def raise_for_status(status: int, payload: Any, what: str = "") -> None:
     """Turn a machine result status into the matching typed exception."""
     if status == Status.OK:

@@ -61,10 +61,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-import msgpack
-
-from .codec import MAX_COMMAND_BYTES, Op, Query, Status, encode_query, raise_for_status
-from .errors import BadRequest, Compacted, NotFound, RaftsyncError, Timeout, TooLarge
+from .codec import MAX_COMMAND_BYTES, Op, Query, Status, encode_query, pack_value, raise_for_status, unpack_value
+from .errors import BadRequest, Compacted, NotFound, RaftsyncError, Timeout
 from .machine.events import MAX_BATCH_EVENTS, MAX_EVENT_BYTES, READ_MAX_BYTES, READ_MAX_EVENTS
 from .ownership import check_name
 from .replica import Replica, deadline_after
@@ -101,25 +99,6 @@ class TopicInfo:
     max_bytes: int
     max_age: float | None
     groups: dict[str, int] = field(default_factory=dict)
-
-
-def _pack(payload: Any) -> bytes:
-    try:
-        data = msgpack.packb(payload, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise BadRequest(f"payload is not a msgpack value: {exc}") from None
-    if len(data) > MAX_EVENT_BYTES:
-        raise TooLarge(f"payload is {len(data)} bytes encoded, limit {MAX_EVENT_BYTES}")
-    return data
-
-
-def _unpack(data: bytes) -> Any:
-    try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except Exception:
-        # Not published through this API (a raw command): hand it over as it is
-        # rather than stop the consumer on it.
-        return data
 
 
 def _check_key(key: Any) -> str | None:
@@ -171,7 +150,7 @@ class Events:
         return offsets
 
     def _event(self, payload: Any, key: Any) -> list[Any]:
-        data, key = _pack(payload), _check_key(key)
+        data, key = pack_value(payload, "payload", MAX_EVENT_BYTES), _check_key(key)
         stamp = self._hlc.now() if self._hlc is not None else HLCTimestamp(int(time.time() * 1000), 0)
         return [data, key, [stamp.physical_ms, stamp.logical]]
 
@@ -240,7 +219,7 @@ class Events:
         return payload
 
     def _events(self, offset: int, items: list[list[Any]]) -> list[Event]:
-        return [Event(self.topic, offset + i, _unpack(data), key, HLCTimestamp(*stamp))
+        return [Event(self.topic, offset + i, unpack_value(data), key, HLCTimestamp(*stamp))
                 for i, (data, key, stamp) in enumerate(items)]
 
     def _merge(self, stamp: HLCTimestamp) -> None:

@@ -63,7 +63,8 @@ from typing import Any, Callable
 
 import msgpack
 
-from .codec import MAX_KEY_BYTES, Op, Query, Status, check_key, encode_query, raise_for_status
+from .codec import (MAX_KEY_BYTES, Op, Query, Status, check_key, encode_query, pack_value, raise_for_status,
+                    unpack_value)
 from .errors import (BadRequest, Closed, JobFailed, NotFound, NotHeld, RaftsyncError, SessionExpired, Timeout,
                      TooLarge, UnknownHandler)
 from .machine.tasks import (MAX_BACKOFF_MS, MAX_DELAY_MS, MAX_ERROR_BYTES, MAX_EVERY_MS, MAX_PAYLOAD_BYTES, MAX_POOL,
@@ -82,17 +83,7 @@ _RECENT_CLAIMS = 4096
 
 
 def _pack(value: Any, what: str, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
-    try:
-        data = msgpack.packb(value, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise BadRequest(f"{what} must be a msgpack value: {exc}") from None
-    if len(data) > limit:
-        raise TooLarge(f"{what} is {len(data)} bytes packed, limit {limit}")
-    return data
-
-
-def _unpack(data: bytes | None) -> Any:
-    return None if data is None else msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return pack_value(value, what, limit)
 
 
 def _seconds(value: Any, what: str, minimum_ms: int, maximum_ms: int) -> int:
@@ -148,7 +139,7 @@ class JobStatus:
             return cls(view[0], view[1], view[2])
         job_id, name, state, attempt, max_attempts, token, session, progress, result, error, origin = view
         schedule, slot = origin if origin else (None, None)
-        return cls(job_id, name, state, attempt, max_attempts, token, session, _unpack(progress), _unpack(result),
+        return cls(job_id, name, state, attempt, max_attempts, token, session, unpack_value(progress), unpack_value(result),
                    error, schedule, slot)
 
 
@@ -187,7 +178,7 @@ class JobContext:
 
     @property
     def payload(self) -> Any:
-        return _unpack(self._payload)
+        return unpack_value(self._payload)
 
     def progress(self, value: Any, timeout: float | None = 5.0) -> None:
         """Report progress (a msgpack value of at most 4 KiB), visible to ``status()``.
