@@ -120,3 +120,75 @@ def test_deadlines_keep_the_known_ttl_on_a_renewal_without_one():
     assert deadlines.due(4.9) == [] and deadlines.due(5.1) == [(("session", 7), 2)]
     deadlines.observe(("session", 8), token=1, ttl=None, now=0.0)  # unknown key: ignored
     assert deadlines.remaining(("session", 8), 1, 0.0) is None
+
+
+class _NaiveDeadlines:
+    """The reference: what Deadlines did before its heap (a scan of every item)."""
+
+    def __init__(self):
+        self.items, self.proposed = {}, {}
+
+    def observe(self, key, token, ttl, now):
+        if ttl is None:
+            if key not in self.items:
+                return
+            ttl = self.items[key][2]
+        self.items[key] = [token, now, ttl]
+        self.proposed.pop(key, None)
+
+    def forget(self, key):
+        self.items.pop(key, None)
+        self.proposed.pop(key, None)
+
+    def reset(self, items, now):
+        self.items = {key: [token, now, ttl] for key, token, ttl in items}
+        self.proposed.clear()
+
+    def due(self, now):
+        due = []
+        for key, (token, seen_at, ttl) in self.items.items():
+            if now - seen_at > ttl and self.proposed.get(key) != token:
+                self.proposed[key] = token
+                due.append((key, token))
+        return due
+
+    def proposal_failed(self, key, token):
+        if self.proposed.get(key) == token:
+            del self.proposed[key]
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_KEYS = st.sampled_from(["a", "b", "c", "d"])
+_OPS = st.one_of(
+    st.tuples(st.just("observe"), _KEYS, st.integers(1, 5), st.one_of(st.none(), st.sampled_from([0.5, 1.0, 3.0]))),
+    st.tuples(st.just("forget"), _KEYS),
+    st.tuples(st.just("reset"), st.lists(st.tuples(_KEYS, st.integers(1, 5), st.sampled_from([0.5, 2.0])),
+                                         max_size=3, unique_by=lambda item: item[0])),
+    st.tuples(st.just("due")),
+    st.tuples(st.just("failed"), _KEYS, st.integers(1, 5)),
+    st.tuples(st.just("tick"), st.sampled_from([0.1, 0.4, 1.1, 2.5])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_OPS, max_size=60))
+def test_deadlines_heap_expires_exactly_what_a_scan_of_every_item_would(ops):
+    fast, naive, now = Deadlines(), _NaiveDeadlines(), 0.0
+    for op in ops:
+        if op[0] == "tick":
+            now += op[1]
+        elif op[0] == "observe":
+            fast.observe(op[1], op[2], op[3], now)
+            naive.observe(op[1], op[2], op[3], now)
+        elif op[0] == "forget":
+            fast.forget(op[1])
+            naive.forget(op[1])
+        elif op[0] == "reset":
+            fast.reset(op[1], now)
+            naive.reset(op[1], now)
+        elif op[0] == "failed":
+            fast.proposal_failed(op[1], op[2])
+            naive.proposal_failed(op[1], op[2])
+        else:
+            assert sorted(fast.due(now)) == sorted(naive.due(now))
