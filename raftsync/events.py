@@ -14,10 +14,11 @@ Guarantees
   once, at the offset it returned; one that raised ``OutcomeUnknown`` is present at
   most once (it may still appear later, at one offset).
 - ``publish_many`` sends one command per chunk of at most about 44 KiB (and 1000
-  events), and within the topic's retention as this node's replica knows it (so a
-  batch beyond ``max_events`` or ``max_bytes`` publishes as one-by-one publishes
-  would: its oldest events are trimmed at once): each chunk applies all or none of
-  its events, at consecutive offsets, in order. A failure in a later chunk leaves the
+  events), and within the topic's retention (a chunk refused as over it is chunked
+  again to fit, after one look-up of the retention; so a batch beyond ``max_events``
+  or ``max_bytes`` publishes as one-by-one publishes would: its oldest events are
+  trimmed at once): each chunk applies all or none of its events, at consecutive
+  offsets, in order. A failure in a later chunk leaves the
   earlier chunks published: the exception then carries their offsets as
   ``published``.
 - Every event is stamped on the publishing node with its hybrid logical clock
@@ -84,7 +85,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from .codec import MAX_COMMAND_BYTES, Op, Query, Status, encode_query, pack_value, raise_for_status, unpack_value
-from .errors import BadRequest, Compacted, NoQuorum, NotFound, RaftsyncError, Timeout
+from .errors import BadRequest, Compacted, NoQuorum, NotFound, RaftsyncError, Timeout, TooLarge
 from .machine.events import (DEFAULT_MAX_BYTES, DEFAULT_MAX_EVENTS, MAX_BATCH_EVENTS, MAX_EVENT_BYTES,
                              READ_MAX_BYTES, READ_MAX_EVENTS, event_bytes)
 from .ownership import check_name
@@ -164,13 +165,27 @@ class Events:
         deadline = deadline_after(timeout)
         events = [self._event(payload, key) for payload, key in zip(payloads, keys)]
         offsets: list[int] = []
-        for chunk in self._chunks(events, *self._retention(len(events), deadline)):
+        # Chunks fit one command; once one is refused as over the topic's retention
+        # (which the machine checks per command), they fit that retention too.
+        retention: tuple[int, int] | None = None
+        start = 0
+        while start < len(events):
+            chunk = events[start:start + self._chunk_length(events, start, *(retention or (MAX_BATCH_EVENTS,
+                                                                                            MAX_COMMAND_BYTES)))]
             try:
                 first = self._publish(chunk, deadline, f"publish {len(chunk)} events to {self.topic!r}")
+            except TooLarge as exc:
+                if retention is None and len(chunk) > 1:
+                    # Nothing of it applied (all or none): chunk it again, to fit.
+                    retention = self._retention(deadline)
+                    continue
+                exc.published = list(offsets)
+                raise
             except RaftsyncError as exc:
                 exc.published = list(offsets)
                 raise
             offsets.extend(range(first, first + len(chunk)))
+            start += len(chunk)
         return offsets
 
     def _event(self, payload: Any, key: Any) -> list[Any]:
@@ -178,34 +193,25 @@ class Events:
         stamp = self._hlc.now()
         return [data, key, [stamp.physical_ms, stamp.logical]]
 
-    def _retention(self, count: int, deadline: float) -> tuple[int, int]:
-        """The topic's (max_events, max_bytes) as this node's replica knows them (the
-        defaults a first publish creates it with if it does not exist). The machine
-        refuses a command over them, so a batch is chunked to fit. One event needs no
-        look-up: alone, it is refused or not whatever the chunking."""
-        if count < 2:
-            return MAX_BATCH_EVENTS, MAX_COMMAND_BYTES
-        info = self._info("local", deadline)
+    def _retention(self, deadline: float) -> tuple[int, int]:
+        """The topic's (max_events, max_bytes); the defaults a first publish creates it
+        with if it does not exist."""
+        info = self._info("linearizable", deadline)
         return (DEFAULT_MAX_EVENTS, DEFAULT_MAX_BYTES) if info is None else (info[4], info[5])
 
-    def _chunks(self, events: list[list[Any]], max_events: int, max_bytes: int) -> Iterator[list[list[Any]]]:
-        """Consecutive runs of ``events`` that each fit in one command and within the
-        topic's retention (``max_events``, and ``max_bytes`` of payloads and keys)."""
+    def _chunk_length(self, events: list[list[Any]], start: int, max_events: int, max_bytes: int) -> int:
+        """How many events from ``start`` on fit in one command and within ``max_events``
+        and ``max_bytes`` of payloads and keys (at least one)."""
         budget = MAX_COMMAND_BYTES - _COMMAND_HEADROOM - len(self.topic.encode("utf-8"))
-        most = min(MAX_BATCH_EVENTS, max_events)
-        chunk: list[list[Any]] = []
+        most = min(MAX_BATCH_EVENTS, max_events, len(events) - start)
         size = retained = 0
-        for event in events:
+        for count, event in enumerate(events[start:start + most]):
             event_size = event_bytes(event)
-            if chunk and (size + event_size + _EVENT_FRAMING > budget or retained + event_size > max_bytes
-                          or len(chunk) >= most):
-                yield chunk
-                chunk, size, retained = [], 0, 0
-            chunk.append(event)
             size += event_size + _EVENT_FRAMING
             retained += event_size
-        if chunk:
-            yield chunk
+            if count and (size > budget or retained > max_bytes):
+                return count
+        return most
 
     def _publish(self, events: list[list[Any]], deadline: float, what: str) -> int:
         session = self._replica.sessions.default(deadline)
