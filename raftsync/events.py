@@ -368,7 +368,8 @@ class Subscription:
     ``ack(event=None)`` commits the group's offset past ``event`` (default: past every
     event delivered); ``close()``. One consumer thread per subscription; ``close`` may
     come from any thread. After ``close``, ``get`` raises StopIteration (iteration
-    ends); after the node's ``close``, ``get`` raises Closed.
+    ends); after the node's ``close``, ``get`` raises Closed. Iterating is a standing
+    consumer: it waits through NoQuorum (``get(timeout)`` tells of a lost cluster).
     """
 
     def __init__(self, stream: Events, group: str | None, from_offset: int | None, ack: str, batch_size: int,
@@ -464,6 +465,8 @@ class Subscription:
                 yield self.get()
             except StopIteration:
                 return
+            except NoQuorum:
+                continue  # each get waits quorum_timeout before it says so: no busy loop
 
     def _hand_out(self, event: Event) -> Event:
         self._delivered = event.offset + 1

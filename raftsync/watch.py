@@ -8,7 +8,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from .errors import BadRequest, Closed, Compacted, Timeout
+from .errors import BadRequest, Closed, Compacted, NoQuorum, Timeout
 from .replica import deadline_after
 
 T = TypeVar("T")
@@ -28,6 +28,8 @@ class WatchStream(Generic[T]):
     Waiting for a change follows the NoQuorum rule of every wait: with no leader with a
     quorum (or this node's engine silent) for ``quorum_timeout``, ``get`` raises NoQuorum,
     also with ``timeout=None``; call it again to go on waiting (the watch stays).
+    Iterating is a standing watcher: it waits through NoQuorum (``get(timeout)`` tells
+    of a lost cluster) and ends only with ``close``, Compacted or Closed.
     """
 
     def __init__(self, replica: Any, kind: str, key: str, from_revision: int | None,
@@ -85,6 +87,8 @@ class WatchStream(Generic[T]):
                 yield self.get()
             except StopIteration:
                 return
+            except NoQuorum:
+                continue  # each get waits quorum_timeout before it says so: no busy loop
 
     def close(self) -> None:
         if self._closed:
