@@ -14,9 +14,13 @@ Guarantees
   once, at the offset it returned; one that raised ``OutcomeUnknown`` is present at
   most once (it may still appear later, at one offset).
 - ``publish_many`` sends one command per chunk of at most about 44 KiB (and 1000
-  events): each chunk applies all or none of its events, at consecutive offsets,
-  in order. A failure in a later chunk leaves the earlier chunks published: the
-  exception then carries their offsets as ``published``.
+  events), and within the topic's retention (a chunk refused as over it is chunked
+  again to fit, after one look-up of the retention; so a batch beyond ``max_events``
+  or ``max_bytes`` publishes as one-by-one publishes would: its oldest events are
+  trimmed at once): each chunk applies all or none of its events, at consecutive
+  offsets, in order. A failure in a later chunk leaves the
+  earlier chunks published: the exception then carries their offsets as
+  ``published``.
 - Every event is stamped on the publishing node with its hybrid logical clock
   (``node.hlc()``) before it is sent, and keeps that stamp (``Event.stamp``). A
   subscription merges the stamp of each event it delivers into its own node's clock
@@ -25,16 +29,30 @@ Guarantees
   ``Compacted`` instead of being skipped. Subscribers are woken by notification when
   a publish applies on their node (no polling); they read from their own node's
   replica, which only lags, never reorders.
-- Consumer groups keep a committed offset per (topic, group) in the cluster: the next
+- A consumer group is one committed offset per (topic, group) in the cluster: the next
   offset the group wants. ``subscribe(group=g)`` starts there (a group that never
-  committed starts at the oldest retained event), so a restarted consumer, or another
-  member of the group, resumes where the group left off. Delivery is at-least-once:
-  events delivered but not acknowledged before a crash are delivered again. A commit
-  only ever moves a group forward.
-- Acknowledgements: ``ack="batch"`` (default) commits everything delivered so far
+  committed starts at the oldest retained event), so a restarted consumer, or the
+  next member of the group, resumes where the group left off. Delivery is
+  at-least-once: events delivered but not acknowledged before a crash are delivered
+  again. A commit only ever moves a group forward (a late commit never rewinds it).
+- A group is *not* a Kafka consumer group: it has no membership, no assignment of
+  events to members and no fencing. Every live subscription of a group reads from its
+  own position and gets every event from there, so two members consuming at once each
+  get all events; and any member's commit, even one from a member that is long gone
+  (a late background commit, a paused process), moves the group forward. For
+  exclusive consumption guard the consumer with an election: only the leader of
+  ``node.leader(f"{topic}/{group}")`` subscribes (after ``campaign`` returns, so it
+  starts at the committed offset), it stops when ``Term.revoked`` is set, and it
+  acknowledges only events it finished. A deposed leader may not know yet that it is
+  deposed (see ``Term``): fence the consumer's side effects with ``Term.term`` (the
+  downstream refuses a lower term) or make them idempotent.
+- Acknowledgements: ``ack="batch"`` (default) commits everything handed out so far
   each time the subscription fetches the next batch from its node (so an event is
-  acknowledged once the consumer asks for events after it); ``ack="explicit"``
-  commits only on ``Subscription.ack()``.
+  acknowledged once the consumer asks for events after it). That commit goes in the
+  background: events already on the node are served at once (``get(timeout=0)``
+  polls), and a commit that waits for a quorum or gets no answer never fails ``get``
+  (it is retried, at the latest with the next fetch); ``ack()`` commits and waits.
+  ``ack="explicit"`` commits only on ``Subscription.ack()``.
 - Retention keeps memory bounded: per topic by count and bytes (trimmed as events are
   published, the same on every replica) and optionally by age (measured by the Raft
   leader's monotonic clock: an event stays at least ``max_age`` after the leader
@@ -49,8 +67,13 @@ Failure modes
   payload msgpack cannot encode or a bad name.
 - A topic that is deleted and created again restarts at offset 0; a subscription or
   acknowledgement from before the delete raises ``Compacted``.
-- A subscription waits through leader changes; without a quorum for
-  ``quorum_timeout`` its ``get`` raises ``NoQuorum`` (call it again to go on waiting).
+- A subscription waits through leader changes; without a quorum (or with its node's
+  engine silent) for ``quorum_timeout`` its ``get`` raises ``NoQuorum``, also with
+  ``timeout=None`` (call it again to go on waiting). Once the subscription is closed
+  ``get`` raises StopIteration; once the node is closed, ``Closed``.
+- A background commit the cluster refuses is raised by the next ``get`` that fetches:
+  ``TooLarge`` (the topic already has 64 groups) or ``Compacted`` (the topic was
+  deleted).
 """
 
 from __future__ import annotations
@@ -62,10 +85,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from .codec import MAX_COMMAND_BYTES, Op, Query, Status, encode_query, pack_value, raise_for_status, unpack_value
-from .errors import BadRequest, Compacted, NotFound, RaftsyncError, Timeout
-from .machine.events import MAX_BATCH_EVENTS, MAX_EVENT_BYTES, READ_MAX_BYTES, READ_MAX_EVENTS
+from .errors import BadRequest, Compacted, NoQuorum, NotFound, RaftsyncError, Timeout, TooLarge
+from .machine.events import (DEFAULT_MAX_BYTES, DEFAULT_MAX_EVENTS, MAX_BATCH_EVENTS, MAX_EVENT_BYTES,
+                             READ_MAX_BYTES, READ_MAX_EVENTS, event_bytes)
 from .ownership import check_name
-from .replica import Replica, deadline_after
+from .replica import INFINITY, Replica, deadline_after
 from .time import HLCTimestamp, HybridLogicalClock
 from .watch import new_watch_id
 
@@ -107,16 +131,17 @@ def _check_key(key: Any) -> str | None:
     return check_name(key, "key")
 
 
-def _check_offset(offset: Any, what: str) -> int:
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise BadRequest(f"{what} must be an int >= 0")
-    return offset
+def _check_int(value: Any, what: str, low: int, high: int | None = None) -> int:
+    """``value`` if it is an int (a bool is not) in ``low..high``; else BadRequest."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise BadRequest(f"{what} must be an int {f'>= {low}' if high is None else f'in {low}..{high}'}")
+    return value
 
 
 class Events:
     """A handle on the event stream ``topic``. Create with ``node.events(topic)``."""
 
-    def __init__(self, replica: Replica, topic: str, hlc: HybridLogicalClock | None = None) -> None:
+    def __init__(self, replica: Replica, topic: str, hlc: HybridLogicalClock) -> None:
         self._replica = replica
         self.topic = check_name(topic, "topic")
         self._hlc = hlc
@@ -140,33 +165,53 @@ class Events:
         deadline = deadline_after(timeout)
         events = [self._event(payload, key) for payload, key in zip(payloads, keys)]
         offsets: list[int] = []
-        for chunk in self._chunks(events):
+        # Chunks fit one command; once one is refused as over the topic's retention
+        # (which the machine checks per command), they fit that retention too.
+        retention: tuple[int, int] | None = None
+        start = 0
+        while start < len(events):
+            chunk = events[start:start + self._chunk_length(events, start, *(retention or (MAX_BATCH_EVENTS,
+                                                                                            MAX_COMMAND_BYTES)))]
             try:
                 first = self._publish(chunk, deadline, f"publish {len(chunk)} events to {self.topic!r}")
+            except TooLarge as exc:
+                if retention is None and len(chunk) > 1:
+                    # Nothing of it applied (all or none): chunk it again, to fit.
+                    retention = self._retention(deadline)
+                    continue
+                exc.published = list(offsets)
+                raise
             except RaftsyncError as exc:
                 exc.published = list(offsets)
                 raise
             offsets.extend(range(first, first + len(chunk)))
+            start += len(chunk)
         return offsets
 
     def _event(self, payload: Any, key: Any) -> list[Any]:
         data, key = pack_value(payload, "payload", MAX_EVENT_BYTES), _check_key(key)
-        stamp = self._hlc.now() if self._hlc is not None else HLCTimestamp(int(time.time() * 1000), 0)
+        stamp = self._hlc.now()
         return [data, key, [stamp.physical_ms, stamp.logical]]
 
-    def _chunks(self, events: list[list[Any]]) -> Iterator[list[list[Any]]]:
+    def _retention(self, deadline: float) -> tuple[int, int]:
+        """The topic's (max_events, max_bytes); the defaults a first publish creates it
+        with if it does not exist."""
+        info = self._info("linearizable", deadline)
+        return (DEFAULT_MAX_EVENTS, DEFAULT_MAX_BYTES) if info is None else (info[4], info[5])
+
+    def _chunk_length(self, events: list[list[Any]], start: int, max_events: int, max_bytes: int) -> int:
+        """How many events from ``start`` on fit in one command and within ``max_events``
+        and ``max_bytes`` of payloads and keys (at least one)."""
         budget = MAX_COMMAND_BYTES - _COMMAND_HEADROOM - len(self.topic.encode("utf-8"))
-        chunk: list[list[Any]] = []
-        size = 0
-        for event in events:
-            event_size = len(event[0]) + (len(event[1].encode("utf-8")) if event[1] else 0) + _EVENT_FRAMING
-            if chunk and (size + event_size > budget or len(chunk) >= MAX_BATCH_EVENTS):
-                yield chunk
-                chunk, size = [], 0
-            chunk.append(event)
-            size += event_size
-        if chunk:
-            yield chunk
+        most = min(MAX_BATCH_EVENTS, max_events, len(events) - start)
+        size = retained = 0
+        for count, event in enumerate(events[start:start + most]):
+            event_size = event_bytes(event)
+            size += event_size + _EVENT_FRAMING
+            retained += event_size
+            if count and (size > budget or retained > max_bytes):
+                return count
+        return most
 
     def _publish(self, events: list[list[Any]], deadline: float, what: str) -> int:
         session = self._replica.sessions.default(deadline)
@@ -190,11 +235,10 @@ class Events:
         if group is not None:
             check_name(group, "group")
         if from_offset is not None:
-            _check_offset(from_offset, "from_offset")
+            _check_int(from_offset, "from_offset", 0)
         if ack not in ACK_MODES:
             raise BadRequest(f"ack must be one of {ACK_MODES}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= READ_MAX_EVENTS:
-            raise BadRequest(f"batch_size must be an int in 1..{READ_MAX_EVENTS}")
+        _check_int(batch_size, "batch_size", 1, READ_MAX_EVENTS)
         return Subscription(self, group, from_offset, ack, batch_size, deadline_after(timeout))
 
     def read(self, from_offset: int = 0, limit: int = READ_MAX_EVENTS, consistency: str = "linearizable",
@@ -202,9 +246,8 @@ class Events:
         """Up to ``limit`` retained events from ``from_offset`` on, without waiting (fewer
         at the end of the topic, or past 4 MiB). Raises Compacted if ``from_offset`` was
         trimmed, NotFound if the topic does not exist."""
-        _check_offset(from_offset, "from_offset")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= READ_MAX_EVENTS:
-            raise BadRequest(f"limit must be an int in 1..{READ_MAX_EVENTS}")
+        _check_int(from_offset, "from_offset", 0)
+        _check_int(limit, "limit", 1, READ_MAX_EVENTS)
         incarnation, first, _, items = self._read(from_offset, limit, consistency, deadline_after(timeout))
         if not incarnation:
             raise NotFound(f"topic {self.topic!r}")
@@ -224,11 +267,10 @@ class Events:
 
     def _merge(self, stamp: HLCTimestamp) -> None:
         """Merge a delivered event's stamp into this node's hybrid logical clock."""
-        if self._hlc is not None:
-            try:
-                self._hlc.update(stamp)
-            except BadRequest:
-                pass  # a stamp beyond the clock's max_offset is not taken over
+        try:
+            self._hlc.update(stamp)
+        except BadRequest:
+            pass  # a stamp beyond the clock's max_offset is not taken over
 
     # -- topic and groups ---------------------------------------------------------------
 
@@ -262,7 +304,7 @@ class Events:
         it is already further; returns the group's committed offset. NotFound if the
         topic does not exist; BadRequest past the topic's end."""
         check_name(group, "group")
-        _check_offset(offset, "offset")
+        _check_int(offset, "offset", 0)
         status, payload = self._commit(group, offset, 0, deadline_after(timeout))
         if status == Status.NOT_FOUND:
             raise NotFound(f"topic {self.topic!r}")
@@ -280,8 +322,8 @@ class Events:
         256 KiB, no age limit). Events beyond the new limits are trimmed at once.
         TooLarge if the topics' reserved retention would pass the cluster's limit."""
         for value, what in ((max_events, "max_events"), (max_bytes, "max_bytes")):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise BadRequest(f"{what} must be None or an int >= 1")
+            if value is not None:
+                _check_int(value, what, 1)
         max_age_ms = None
         if max_age is not None:
             if isinstance(max_age, bool) or not isinstance(max_age, (int, float)) or not max_age >= 0.001:
@@ -325,7 +367,9 @@ class Subscription:
     ``get_batch(max_events, timeout)`` the next events at once; iterate for ever;
     ``ack(event=None)`` commits the group's offset past ``event`` (default: past every
     event delivered); ``close()``. One consumer thread per subscription; ``close`` may
-    come from any thread. After ``close`` (or the node's), ``get`` raises StopIteration.
+    come from any thread. After ``close``, ``get`` raises StopIteration (iteration
+    ends); after the node's ``close``, ``get`` raises Closed. Iterating is a standing
+    consumer: it waits through NoQuorum (``get(timeout)`` tells of a lost cluster).
     """
 
     def __init__(self, stream: Events, group: str | None, from_offset: int | None, ack: str, batch_size: int,
@@ -341,8 +385,14 @@ class Subscription:
         self._closed = False
         self._buffer: deque[Event] = deque()
         self._incarnation = 0  # of the topic this subscription reads (0: not seen yet)
-        self.committed: int | None = None  # the group's committed offset, as last known here
         self._delivered: int | None = None  # the offset after the last event handed out
+        # Batch acknowledgement in the background (see _ack_in_background); the lock also
+        # guards ``committed``, which the answers of those commits move.
+        self._ack_lock = threading.Lock()
+        self.committed: int | None = None  # the group's committed offset, as last known here
+        self._ack_wanted = 0  # the highest offset a fetch asked to commit
+        self._ack_in_flight = False  # a commit is being proposed
+        self._ack_refusal: RaftsyncError | None = None  # for the next fetch to raise
         self._watch_id = 0
         # Watch first: a publish applied after this point wakes us, whatever the reads see.
         self._watch()
@@ -385,7 +435,8 @@ class Subscription:
     # -- consuming ------------------------------------------------------------------------
 
     def get(self, timeout: float | None = None) -> Event:
-        """The next event; raises Timeout if none arrives in time, StopIteration once closed."""
+        """The next event; raises Timeout if none arrives in time, NoQuorum (see the
+        module docstring), StopIteration once closed, Closed once the node is closed."""
         self._replica.check_owner()
         deadline = deadline_after(timeout)
         if self._closed:
@@ -396,11 +447,10 @@ class Subscription:
 
     def get_batch(self, max_events: int | None = None, timeout: float | None = None) -> list[Event]:
         """The next events available (at least one, at most ``max_events`` or a fetched
-        batch); raises Timeout if none arrives in time, StopIteration once closed."""
+        batch); raises as ``get`` does."""
         self._replica.check_owner()
-        if max_events is not None and (isinstance(max_events, bool) or not isinstance(max_events, int)
-                                       or max_events < 1):
-            raise BadRequest("max_events must be None or an int >= 1")
+        if max_events is not None:
+            _check_int(max_events, "max_events", 1)
         deadline = deadline_after(timeout)
         if self._closed:
             raise StopIteration
@@ -415,6 +465,8 @@ class Subscription:
                 yield self.get()
             except StopIteration:
                 return
+            except NoQuorum:
+                continue  # each get waits quorum_timeout before it says so: no busy loop
 
     def _hand_out(self, event: Event) -> Event:
         self._delivered = event.offset + 1
@@ -423,10 +475,9 @@ class Subscription:
 
     def _fetch(self, deadline: float, timeout: float | None) -> None:
         """Fill the buffer from this node's replica, waiting for a publish if need be."""
-        if self._ack == "batch" and self.group is not None and self._delivered is not None and (
-                self.committed is None or self._delivered > self.committed):
+        if self._ack == "batch" and self.group is not None and self._delivered is not None:
             # Asking for more: everything handed out so far is done with.
-            self._commit(self._delivered, deadline)
+            self._ack_in_background(self._delivered)
         started = time.monotonic()
         while True:
             if self._closed:
@@ -435,8 +486,13 @@ class Subscription:
                 self._rewatch = False
                 self._watch()
             self._wake.clear()
-            incarnation, first, _, items = self._stream._read(self.position, self._batch_size, "local",
-                                                               deadline)
+            with self._ack_lock:
+                refusal, self._ack_refusal = self._ack_refusal, None
+            if refusal is not None:
+                if isinstance(refusal, Compacted):
+                    self.close()
+                raise refusal
+            incarnation, first, _, items = self._read(deadline)
             self._check_incarnation(incarnation)
             if self.position < first:
                 self.close()
@@ -448,6 +504,17 @@ class Subscription:
                 return
             if not self._replica.wait_for(self._wake, deadline, started):
                 raise Timeout(f"no event on {self.topic!r} within {timeout}s")
+
+    def _read(self, deadline: float) -> list[Any]:
+        try:
+            return self._stream._read(self.position, self._batch_size, "local", deadline)
+        except Timeout:
+            if deadline != INFINITY:
+                raise
+            # A local read waits quorum_timeout for this node's engine: silent that long,
+            # it counts as a lost cluster, and a call without a deadline says NoQuorum.
+            raise NoQuorum(f"this node's engine answered no read of {self.topic!r} for "
+                           f"{self._replica.config.quorum_timeout}s") from None
 
     def _check_incarnation(self, incarnation: int) -> None:
         if incarnation and not self._incarnation:
@@ -471,21 +538,77 @@ class Subscription:
         elif self._delivered is not None:
             offset = self._delivered
         else:
-            return self.committed if self.committed is not None else 0
-        return self._commit(offset, deadline)
-
-    def _commit(self, offset: int, deadline: float) -> int:
+            with self._ack_lock:
+                return self.committed if self.committed is not None else 0
         status, payload = self._stream._commit(self.group, offset, self._incarnation, deadline)
         if status in (Status.NOT_FOUND, Status.CONFLICT):
             self.close()
             raise Compacted(f"topic {self.topic!r} was deleted; its offsets are gone")
         raise_for_status(status, payload, f"ack on {self.topic!r}")
-        self.committed = payload[0]
-        return self.committed
+        with self._ack_lock:
+            self.committed = max(self.committed or 0, payload[0])
+        return payload[0]
+
+    def _ack_in_background(self, offset: int) -> None:
+        """Commit the group up to ``offset`` off the consumer's thread, so that a fetch
+        serves what is on the node at once and a commit's trouble never fails it.
+
+        One commit at a time: when one is answered the next takes the highest offset
+        asked for meanwhile (commits only move a group forward, so the ones in between
+        change nothing). A commit that got no answer is proposed on by ``replica.finish``
+        until its session is lost or the node closes; one given up on is asked for again
+        by the next fetch."""
+        with self._ack_lock:
+            self._ack_wanted = max(self._ack_wanted, offset)
+            if self._ack_in_flight or (self.committed is not None and self.committed >= self._ack_wanted):
+                return
+            self._ack_in_flight = True
+        threading.Thread(target=self._send_ack, name="raftsync-events-ack", daemon=True).start()
+
+    def _send_ack(self) -> None:
+        """On its own thread: propose one commit of the highest offset asked for."""
+        with self._ack_lock:
+            offset = self._ack_wanted
+        replica = self._replica
+        deadline = time.monotonic() + replica.config.quorum_timeout
+        try:
+            session = replica.sessions.default(deadline)
+        except RaftsyncError:
+            self._acked(None, None)  # no session now (no quorum, node closed): the next fetch asks again
+            return
+        try:
+            replica.finish(session, Op.EVENTS_COMMIT, [self.topic, self.group, offset, self._incarnation], deadline,
+                           f"commit {self.group!r} on {self.topic!r}", on_done=self._acked)
+        except RaftsyncError:
+            pass  # finish goes on in the background and calls _acked, or gave up and called it
+
+    def _acked(self, status: int | None, payload: Any) -> None:
+        """The answer to a background commit, once each: OK, a refusal (kept for the next
+        fetch to raise), or no telling whether it applied (None: given up on; STALE,
+        SESSION_EXPIRED: an unknown outcome), which the next fetch asks again for."""
+        refusal: RaftsyncError | None = None
+        if status in (Status.NOT_FOUND, Status.CONFLICT):
+            refusal = Compacted(f"topic {self.topic!r} was deleted; its offsets are gone")
+        elif status in (Status.TOO_LARGE, Status.BAD_COMMAND, Status.INTERNAL):
+            try:
+                raise_for_status(status, payload, f"commit {self.group!r} on {self.topic!r}")
+            except RaftsyncError as exc:
+                refusal = exc
+        with self._ack_lock:
+            if status == Status.OK:
+                self.committed = max(self.committed or 0, payload[0])
+            if refusal is not None:
+                self._ack_refusal = refusal
+            again = status == Status.OK and self._ack_wanted > self.committed
+            self._ack_in_flight = again
+        if refusal is not None:
+            self._wake.set()  # a get waiting for events raises it
+        if again:
+            threading.Thread(target=self._send_ack, name="raftsync-events-ack", daemon=True).start()
 
     def close(self) -> None:
         """Stop; a ``get`` waiting in another thread raises StopIteration. Nothing is
-        acknowledged by closing."""
+        acknowledged by closing (a batch commit already under way goes on)."""
         if self._closed:
             return
         self._closed = True

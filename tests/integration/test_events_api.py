@@ -8,7 +8,7 @@ import pytest
 from cluster.launcher import free_ports
 from raftsync import Node
 from raftsync.codec import Op
-from raftsync.errors import BadRequest, Compacted, NotFound, Timeout, TooLarge
+from raftsync.errors import BadRequest, Closed, Compacted, NotFound, Timeout, TooLarge
 from raftsync.machine import events as limits
 from raftsync.replica import deadline_after
 
@@ -54,12 +54,26 @@ def test_publish_many_splits_large_batches_into_commands_with_consecutive_offset
 
 def test_a_failed_chunk_of_publish_many_reports_the_offsets_published_before_it(node):
     stream = node.events("t")
-    stream.configure(max_events=2)
-    # the first chunk (one large event) fits; the second (three events) is over max_events
+    stream.configure(max_bytes=limits.MIN_MAX_BYTES)
+    # the first chunk fits; the second, one event over max_bytes alone, is refused
     with pytest.raises(TooLarge) as failure:
-        stream.publish_many([b"x" * 30000, b"y" * 30000, 1, 2])
+        stream.publish_many([b"x" * 10, b"y" * 2000, 1])
     assert failure.value.published == [0]
     assert stream.info().next_offset == 1
+
+
+def test_publish_many_chunks_a_batch_to_fit_the_topics_retention(node):
+    # A batch over the retention publishes as one-by-one publishes would, oldest trimmed.
+    stream = node.events("small")
+    stream.configure(max_events=3)
+    assert stream.publish_many(range(7)) == list(range(7))  # chunks of at most 3 events
+    assert [e.payload for e in stream.read(4)] == [4, 5, 6]
+    stream.configure(max_events=100, max_bytes=limits.MIN_MAX_BYTES)
+    # 5 x 403 bytes encoded: over max_bytes together, chunks of at most 2 events
+    assert stream.publish_many([b"z" * 400] * 5, keys=["k"] * 5) == list(range(7, 12))
+    info = stream.info()
+    assert (info.first_offset, info.next_offset) == (10, 12)
+    assert [e.key for e in stream.read(10)] == ["k", "k"]
 
 
 def test_batch_acknowledgement_commits_what_was_handed_out_when_more_is_fetched(node):
@@ -70,16 +84,83 @@ def test_batch_acknowledgement_commits_what_was_handed_out_when_more_is_fetched(
     assert [subscription.get(1).offset for _ in range(3)] == [0, 1, 2]
     assert stream.committed("g") is None  # the third may still be in the consumer's hands
     assert subscription.get(1).offset == 3  # a new fetch: everything before it is done with
-    assert stream.committed("g") == 3
+    wait_for(lambda: stream.committed("g") == 3, 10, "the batch commit (in the background)")
     assert [e.offset for e in subscription.get_batch(timeout=1)] == [4]
     with pytest.raises(Timeout):
         subscription.get_batch(timeout=0.1)
+    wait_for(lambda: subscription.committed == 5, 10, "the batch commit of the last fetch to be answered")
     assert stream.committed("g") == 5
     subscription.close()
     with pytest.raises(StopIteration):
         subscription.get(0)
     # another member of the group goes on where the group is
     assert stream.subscribe(group="g").position == 5
+
+
+def test_a_batch_acknowledged_group_polled_with_timeout_zero_gets_every_event_and_commits(node):
+    stream = node.events("t")
+    stream.publish_many(range(5))
+    subscription = stream.subscribe(group="g", batch_size=2)
+    # each fetch (after the first) commits in the background: the events already on
+    # this node are served at once, however long the commit takes
+    assert [subscription.get(timeout=0).payload for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(Timeout):
+        subscription.get(timeout=0)  # the end; this fetch asks to commit all five
+    wait_for(lambda: stream.committed("g") == 5, 10, "the group to commit every event polled")
+
+
+def test_a_batch_commit_that_gets_no_answer_never_fails_get(tmp_path):
+    with Node(f"127.0.0.1:{free_ports(1)[0]}", peers=[], engine="thread", data_dir=tmp_path, session_ttl=3,
+              test_hooks=True, attempt_timeout=0.3) as node:
+        node.wait_ready(10)
+        stream = node.events("t")
+        stream.publish_many(range(6))
+        subscription = stream.subscribe(group="g", batch_size=2)
+        assert [subscription.get(timeout=1).payload for _ in range(2)] == [0, 1]
+        # The next commits' first three attempts are lost (about 2 s without an answer):
+        # the events on the node are served meanwhile, and the commits land after.
+        node._replica.test_hook("drop_submits", {"count": 3})
+        assert [subscription.get(timeout=1).payload for _ in range(4)] == [2, 3, 4, 5]
+        with pytest.raises(Timeout):
+            subscription.get(timeout=0)  # the end; this fetch asks to commit all six
+        wait_for(lambda: subscription.committed == 6, 15, "the commits to be answered")
+        assert stream.committed("g") == 6
+
+
+def test_a_group_is_one_shared_committed_offset_not_an_exclusive_membership(node):
+    stream = node.events("orders")
+    stream.publish_many([f"o{i}" for i in range(6)])
+    first = stream.subscribe(group="billing", ack="explicit")
+    second = stream.subscribe(group="billing", ack="explicit")
+    # Two live members: nothing assigns events to one of them, each gets every event.
+    assert [e.payload for e in first.get_batch(timeout=5)] == [f"o{i}" for i in range(6)]
+    late = second.get_batch(timeout=5)
+    assert [e.payload for e in late] == [f"o{i}" for i in range(6)]
+    # Any member's commit moves the group; a late or stale one never rewinds it.
+    assert first.ack() == 6
+    assert second.ack(late[1]) == 6
+    assert stream.subscribe(group="billing").position == 6
+
+
+def test_an_election_guarding_the_consumer_makes_consumption_exclusive(node):
+    # The recipe of the module docstring: only the leader of an election consumes,
+    # starting at the committed offset once it leads; its term fences its side effects.
+    stream = node.events("jobs")
+    stream.publish_many(range(6))
+    applied = []  # (term, payload): what a fenced downstream would receive
+    for candidate in ("first", "second"):
+        term = node.leader("jobs/workers").campaign(candidate, timeout=5)
+        with stream.subscribe(group="workers", ack="explicit") as consumer:
+            for _ in range(3):
+                assert not term.revoked.is_set()
+                event = consumer.get(timeout=5)
+                applied.append((term.term, event.payload))
+                consumer.ack(event, timeout=5)
+        term.resign(timeout=5)
+        assert term.revoked.is_set()
+    assert [payload for _, payload in applied] == list(range(6))  # each once, in order
+    terms = [t for t, _ in applied]
+    assert terms == sorted(terms) and terms[0] < terms[-1]
 
 
 def test_explicit_acknowledgement_and_where_subscriptions_start(node):
@@ -122,6 +203,28 @@ def test_a_subscription_is_woken_by_a_publish_from_another_thread(node):
     with pytest.raises(StopIteration):
         subscription.get(timeout=10)
     stopper.join()
+
+
+def test_after_the_node_closes_a_subscription_raises_closed(node):
+    stream = node.events("t")
+    subscription = stream.subscribe(from_offset=0)
+    outcome = []
+
+    def consume():
+        try:
+            subscription.get(timeout=30)
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome.append(exc)
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    node.close()
+    consumer.join(15)
+    assert not consumer.is_alive() and isinstance(outcome[0], Closed)
+    with pytest.raises(Closed):
+        subscription.get(timeout=1)
+    subscription.close()
+    with pytest.raises(StopIteration):
+        subscription.get(timeout=1)
 
 
 def test_trimmed_offsets_raise_compacted_never_a_silent_skip(node):
@@ -243,5 +346,12 @@ def test_topic_and_group_counts_are_bounded(node):
         stream.commit(f"g{i}", 1)
     with pytest.raises(TooLarge):
         stream.commit("one-too-many", 1)
+    # A subscription's batch commit, refused in the background, comes with a later fetch
+    refused = stream.subscribe(group="one-too-many", batch_size=1)
+    assert refused.get(timeout=5).payload == "fits"
+    stream.publish("more")
+    assert refused.get(timeout=5).payload == "more"  # served; its fetch's commit is refused
+    with pytest.raises(TooLarge):
+        refused.get(timeout=5)
     node.events("t0").delete()
     assert node.events("one-too-many").publish("now it fits") == 0
