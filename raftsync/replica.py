@@ -610,6 +610,8 @@ class Replica:
             reply = self._request([Msg.READ, 0, query, False], max(deadline, time.monotonic() + 1.0)
                                   if deadline != INFINITY else time.monotonic() + self.config.quorum_timeout)
             if reply is None or reply[0] != Msg.RESULT:
+                if deadline == INFINITY:  # no deadline: the engine has been silent for quorum_timeout
+                    raise NoQuorum("local read: no answer from the engine for the quorum timeout")
                 raise Timeout("local read got no answer from the engine")
             return decode_result(reply[2])
         result, _ = self._exchange(lambda: [Msg.READ, 0, query, True], deadline, "read", False)
