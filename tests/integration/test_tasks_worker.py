@@ -13,7 +13,7 @@ import pytest
 
 from cluster.launcher import free_ports
 from raftsync import JobFailed, Node
-from raftsync.codec import Op
+from raftsync.codec import Op, Status
 from raftsync.errors import Timeout
 from tests.integration.util import wait_for
 
@@ -176,7 +176,7 @@ def test_claims_for_a_worker_nothing_here_serves_are_given_back_without_an_attem
     deadline = time.monotonic() + 10
     status, _ = replica.submit(replica.sessions.default(deadline), Op.TASK_WORKER, [ghost, ["ghostly"], 2], deadline,
                                "a worker registered by a Tasks object that is gone")
-    assert status == 0
+    assert status == Status.OK
     job = tasks.submit("ghostly", retries=0, timeout=0.5)
     wait_for(lambda: registration(tasks, ghost) is None, 10, "the unknown worker to be taken off")
     status = job.status()
