@@ -21,9 +21,15 @@ Guarantees
   worker died, paused past its session, overran, or the job was cancelled) is refused.
 - A dead or paused worker's claims are queued again when its session ends, an
   overrunning one's when its deadline passes; every claim counts as an attempt
-  (``job.attempt``). A handler that raises is retried after an exponential backoff
-  (``backoff * 2**(attempt-1)``) until ``retries + 1`` attempts, then the job is
+  (``job.attempt``). A handler that raises (any BaseException, asyncio.CancelledError
+  and SystemExit included: the pool thread serves on) is retried after an exponential
+  backoff (``backoff * 2**(attempt-1)``) until ``retries + 1`` attempts, then the job is
   dead-lettered with the error text: ``Job.result`` raises ``JobFailed``.
+- A worker tells the cluster how many of its threads are free: a thread still running a
+  handler whose claim ended (overran, cancelled, session lost) is not, until the handler
+  returns. A claim the worker cannot start (no free thread, or the handler was
+  unregistered meanwhile) is given back at once without using an attempt, as are a
+  closing worker's unstarted claims (``stats["returned"]``).
 - ``key`` makes submission idempotent: a second submit with the same key returns the
   same job (``Job.created`` is False) for as long as the cluster keeps that job.
 - ``schedule(name, handler, every=s | cron="…")`` enqueues each due run exactly once
@@ -31,21 +37,35 @@ Guarantees
   slots are numbered 1, 2, 3, ... and spaced by the leader's monotonic clock (a new
   leader waits one full period before its first); cron slots (5 fields, UTC) are the
   epoch minute by the leader's wall clock, so skew shifts a run but never doubles it,
-  and after an outage only the latest missed run is made.
+  and after an outage only the latest missed run is made. A schedule holds at most one
+  waiting run: a slot due while its previous run is still queued or delayed (no worker
+  takes it) is skipped (``ScheduleInfo.skipped``).
 
 Failure modes
 - Delivery is at least once: a handler whose result was refused, or whose worker died
   after the side effect, may run again elsewhere. Fence side effects with ``job.token``
   (or make them idempotent on ``job.id``).
-- A handler still running after its claim ended keeps its pool thread; its result is
-  refused. ``job.cancelled`` is set when the claim ends (cancelled, timed out, session
-  lost): long handlers should check it.
+- A handler still running after its claim ended keeps its pool thread (the worker takes
+  one job less meanwhile); its result is refused. ``job.cancelled`` is set when the claim
+  ends (cancelled, timed out, session lost, or ended while this node was cut off and
+  learnt from a snapshot): long handlers should check it.
+- A leader whose wall clock is ahead by D runs a cron slot up to D early and that slot
+  becomes the schedule's last: no run happens until real time reaches it, so a clock D
+  ahead (even briefly) suppresses the schedule's runs for up to D. It is not corrected
+  (the cluster cannot tell it from a catch-up after an outage, and moving the last slot
+  back would let a slow clock run a slot twice); ``ScheduleInfo.last_time`` in the
+  future shows it and the leader logs a warning. Keep clocks synchronized (NTP).
+- ``close()`` during an outage: its leave keeps being proposed until it applies (or the
+  worker's session ends); a claim for a worker nothing on this node serves is given back.
 - A delay or backoff measured across a leader change restarts in full on the new
   leader (a job starts late, never early).
 - Terminal jobs are kept in a bounded window (10 000 jobs / 16 MiB); ``result()`` of an
   evicted job raises NotFound.
-- Payloads and results are msgpack values of at most 32 KiB (TooLarge); an unknown
-  handler name raises UnknownHandler; a bad cron text BadRequest.
+- Payloads and results are msgpack values of at most 32 KiB (TooLarge); jobs not yet
+  finished hold at most 100 000 jobs / 64 MiB (payload, key, progress, last error):
+  beyond, ``submit`` and a growing ``progress`` raise TooLarge and a failure's error text
+  is cut. An unknown handler name raises UnknownHandler; a bad cron text, or one that
+  never fires ("0 0 31 2 *"), BadRequest.
 """
 
 from __future__ import annotations
@@ -61,16 +81,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import msgpack
-
-from .codec import (MAX_KEY_BYTES, Op, Query, Status, check_key, encode_query, pack_value, raise_for_status,
-                    unpack_value)
+from .codec import Op, Query, Status, check_key, encode_query, pack_value, raise_for_status, unpack_value
 from .errors import (BadRequest, Closed, JobFailed, NotFound, NotHeld, RaftsyncError, SessionExpired, Timeout,
-                     TooLarge, UnknownHandler)
+                     UnknownHandler)
 from .machine.tasks import (MAX_BACKOFF_MS, MAX_DELAY_MS, MAX_ERROR_BYTES, MAX_EVERY_MS, MAX_PAYLOAD_BYTES, MAX_POOL,
                             MAX_PROGRESS_BYTES, MAX_RETRIES, MAX_TIMEOUT_MS, MAX_WORKER_NAMES, MIN_EVERY_MS,
                             MIN_TIMEOUT_MS, TERMINAL, UNKNOWN_HANDLER, check_cron)
-from .ownership import check_name
+from .ownership import check_name, session_for
 from .replica import Replica, deadline_after
 from .session import Session
 
@@ -155,6 +172,13 @@ class ScheduleInfo:
     retries: int
     timeout: float
 
+    @property
+    def last_time(self) -> float | None:
+        """A cron schedule's last run: the epoch seconds (UTC) of its last slot (None for
+        ``every`` schedules, or before the first). Later than now: a leader with a fast
+        clock ran it, and no run comes before then."""
+        return self.last_slot * 60.0 if self.cron is not None and self.last_slot else None
+
 
 class JobContext:
     """What a handler receives: the job's ``payload`` (a msgpack value), its ``attempt``
@@ -162,7 +186,8 @@ class JobContext:
     scheduled run, and ``cancelled`` (a threading.Event set when this claim ends without
     us: cancelled, timed out, session lost)."""
 
-    def __init__(self, tasks: "Tasks", session: Session, effect: list[Any]) -> None:
+    def __init__(self, tasks: "Tasks", session: Session, effect: list[Any],
+                 handler: Callable[["JobContext"], Any]) -> None:
         _, _, _, job_id, token, name, payload, attempt, timeout_ms, origin = effect
         self.id: int = job_id
         self.token: int = token
@@ -175,6 +200,8 @@ class JobContext:
         self.cancel_reason: str | None = None
         self._payload = payload
         self._tasks = tasks
+        self._handler = handler  # the one registered when the claim came: it runs even if unregistered since
+        self._started = False    # a pool thread took it (under Tasks._guard)
 
     @property
     def payload(self) -> Any:
@@ -182,7 +209,8 @@ class JobContext:
 
     def progress(self, value: Any, timeout: float | None = 5.0) -> None:
         """Report progress (a msgpack value of at most 4 KiB), visible to ``status()``.
-        Raises NotHeld once this claim is no longer the job's current one."""
+        Raises NotHeld once this claim is no longer the job's current one, TooLarge if the
+        cluster's budget for unfinished jobs has no room for it."""
         data = _pack(value, "progress", MAX_PROGRESS_BYTES)
         replica = self._tasks._replica
         try:
@@ -224,8 +252,7 @@ class Job:
     def result(self, timeout: float | None = None) -> Any:
         """Wait until the job finishes and return its result (a msgpack value). Raises
         JobFailed (dead-lettered, or cancelled), Timeout, NotFound (unknown or evicted)."""
-        view = self._wait_finished(deadline_after(timeout), timeout)
-        status = JobStatus.from_view(view)
+        status = self._wait_finished(deadline_after(timeout), timeout)
         if status.state == "done":
             if status.name is None:
                 raise NotFound(f"job {self.id} finished but its result is no longer kept")
@@ -234,9 +261,9 @@ class Job:
 
     def wait(self, timeout: float | None = None) -> JobStatus:
         """Wait until the job finishes; its final status (never raises JobFailed)."""
-        return JobStatus.from_view(self._wait_finished(deadline_after(timeout), timeout))
+        return self._wait_finished(deadline_after(timeout), timeout)
 
-    def _wait_finished(self, deadline: float, timeout: float | None) -> list[Any]:
+    def _wait_finished(self, deadline: float, timeout: float | None) -> JobStatus:
         """Watch the job's terminal change (the watch first sends its current view)."""
         replica = self._tasks._replica
         started = time.monotonic()
@@ -263,7 +290,7 @@ class Job:
                     if not replica.wait_for(event, deadline, started):
                         raise Timeout(f"job {self.id} not finished within {timeout}s")
                     if "view" in box:
-                        return box["view"]
+                        return JobStatus.from_view(box["view"])
                     if box.get("end") == "closed":
                         raise Closed("the node closed")
                     if box.pop("missing", False):
@@ -271,10 +298,10 @@ class Job:
                         current = self.status(timeout=max(0.0, deadline - time.monotonic())
                                               if deadline != float("inf") else None)
                         if current.finished:
-                            return _view_of(current, self.id)
+                            return current
                         event.clear()
                         if "view" in box:
-                            return box["view"]
+                            return JobStatus.from_view(box["view"])
                         continue
                     break  # compacted (a snapshot skipped it) or refused: look again
             finally:
@@ -283,7 +310,7 @@ class Job:
                 raise BadRequest(f"job {self.id}: watch refused by the engine")
             current = self.status(consistency="local")
             if current.finished:
-                return _view_of(current, self.id)
+                return current
 
     def cancel(self, timeout: float | None = None) -> bool:
         """Cancel the job unless it already finished: True if this call cancelled it. A
@@ -301,23 +328,20 @@ class Job:
         return f"<Job {self.id} {self.name!r}>"
 
 
-def _view_of(status: JobStatus, job_id: int) -> list[Any]:
-    """A JobStatus back as the machine's view (what _wait_finished returns)."""
-    packed_result = None if status.result is None else msgpack.packb(status.result, use_bin_type=True)
-    origin = [status.schedule, status.slot] if status.schedule is not None else None
-    return [job_id, status.name, status.state, status.attempt, status.max_attempts, status.token,
-            status.worker_session, None, packed_result, status.error, origin]
-
-
 class _Router:
     """Per replica: routes claim notifications to the worker (Tasks) they name, and session
     loss to the workers registered under it. Runs on the reader thread: quick, no blocking."""
 
     def __init__(self, replica: Replica) -> None:
+        self.replica = replica
         self.workers: dict[int, "Tasks"] = {}
         self.guard = threading.Lock()
+        # (session id, worker id) of a worker the cluster lists but no Tasks here serves ->
+        # its claims still to give back; present while a thread is giving them back
+        self.orphans: dict[tuple[int, int], dict[tuple[int, int], None]] = {}
         replica.on_notice("task_assigned", self._on_assigned)
         replica.on_notice("task_revoked", self._on_revoked)
+        replica.on_notice("holdings", self._on_holdings)
         replica.sessions.on_loss(self._on_session_lost)
 
     def _worker(self, worker_id: int) -> "Tasks | None":
@@ -328,6 +352,52 @@ class _Router:
         worker = self._worker(effect[2])
         if worker is not None:
             worker._on_assigned(effect)
+        else:
+            self._give_back_orphan(effect)
+
+    def _give_back_orphan(self, effect: list[Any]) -> None:
+        """A claim for a worker id nothing here serves (a worker closed while the cluster was
+        unavailable, whose leave has not applied yet): give it back without using an
+        attempt, and take that worker off the cluster's list."""
+        session_id, worker_id, job_id, token = effect[1], effect[2], effect[3], effect[4]
+        session = self.replica.sessions.by_id(session_id)
+        if session is None:
+            return  # a session this process lost: its end re-queues the claim
+        key = (session_id, worker_id)
+        with self.guard:
+            pending = self.orphans.get(key)
+            if pending is not None:  # a thread is at it: it sends this one too
+                pending[(job_id, token)] = None
+                return
+            self.orphans[key] = {(job_id, token): None}
+        threading.Thread(target=self._leave_orphan, args=(session, key), name="raftsync-task-orphan",
+                         daemon=True).start()
+
+    def _leave_orphan(self, session: Session, key: tuple[int, int]) -> None:
+        while True:
+            with self.guard:
+                pending = self.orphans[key]
+                if not pending:
+                    del self.orphans[key]
+                    return
+                returned = [list(claim) for claim in pending]
+                pending.clear()
+            try:
+                self.replica.finish(session, Op.TASK_WORKER, [key[1], [], 0, returned],
+                                    time.monotonic() + self.replica.config.quorum_timeout,
+                                    f"give back claims of unknown task worker {key[1]:#x}")
+            except RaftsyncError:
+                pass  # still proposed in the background, or the session is lost (its end frees them)
+
+    def _on_holdings(self, effect: list[Any]) -> None:
+        # After a snapshot install: every claim our sessions hold now. A claim taken here
+        # that is not listed ended in the entries the snapshot skipped.
+        _, session_ids, holdings = effect
+        current = {(grant[3], grant[4]) for grant in holdings if grant[0] == "task_assigned"}
+        with self.guard:
+            workers = list(self.workers.values())
+        for worker in workers:
+            worker._on_holdings(set(session_ids), current)
 
     def _on_revoked(self, effect: list[Any]) -> None:
         worker = self._worker(effect[2])
@@ -356,26 +426,27 @@ class Tasks:
         self._guard = threading.Lock()
         self._register_lock = threading.Lock()
         self._session: Session | None = None  # the session we are registered under
+        self._registered: tuple | None = None  # (session id, names, capacity) last applied (_register_lock)
         self._stale = True  # the cluster may not have our current registration
         self._state = "serving"  # then "draining" (closing: no new claims), "left"
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._claims: dict[int, JobContext] = {}  # job id -> claim taken here, not yet finished
+        self._running: set[JobContext] = set()    # claims whose handler is running (ended ones too)
+        # (job id, token) -> session id: claims to give back unstarted with the next registration
+        self._returning: dict[tuple[int, int], int] = {}
         self._recent: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._threads: list[threading.Thread] = []
-        self._wake = threading.Event()  # wakes the keeper (registration failed, session lost, left)
+        # wakes the keeper (registration failed or out of date, session lost, left)
+        self._wake = threading.Event()
         self._busy = 0
         self._idle = threading.Condition(self._guard)
-        self.stats = {"started": 0, "completed": 0, "failed": 0, "refused": 0, "revoked": 0}
+        self.stats = {"started": 0, "completed": 0, "failed": 0, "refused": 0, "revoked": 0, "returned": 0}
         self._router = replica.attachment("tasks", _Router)
 
     # -- submitting ----------------------------------------------------------------------
 
     def _submit_session(self, deadline: float) -> Session:
-        if self._fixed_session is not None:
-            if self._fixed_session.lost.is_set():
-                raise SessionExpired(f"session {self._fixed_session.id:#x} is lost")
-            return self._fixed_session
-        return self._replica.sessions.default(deadline)
+        return session_for(self._replica, self._fixed_session, None, deadline)
 
     def submit(self, name: str, payload: Any = None, key: str | None = None, delay: float = 0,
                retries: int = 3, timeout: float = 60.0, backoff: float = 1.0,
@@ -389,8 +460,6 @@ class Tasks:
         data = _pack(payload, "payload")
         if key is not None:
             check_key(key, "key")
-            if len(key.encode("utf-8")) > MAX_KEY_BYTES:
-                raise TooLarge(f"key is over {MAX_KEY_BYTES} bytes")
         args = [name, data, key, _seconds(delay, "delay", 0, MAX_DELAY_MS), _retries(retries),
                 _seconds(timeout, "timeout", MIN_TIMEOUT_MS, MAX_TIMEOUT_MS),
                 _seconds(backoff, "backoff", 0, MAX_BACKOFF_MS)]
@@ -497,7 +566,8 @@ class Tasks:
         self._register(deadline_after(timeout))
 
     def unregister(self, name: str, timeout: float | None = 10.0) -> None:
-        """Stop serving handler ``name`` here (claims already taken still run)."""
+        """Stop serving handler ``name`` here (claims already taken still run; one that
+        comes meanwhile is given back without using an attempt)."""
         with self._guard:
             if self._handlers.pop(name, None) is None:
                 return
@@ -513,30 +583,57 @@ class Tasks:
             self._threads.append(thread)
         threading.Thread(target=self._keep_registered, name="raftsync-task-keeper", daemon=True).start()
 
-    def _register(self, deadline: float) -> None:
-        """Tell the cluster which handlers this worker serves and how many threads it has,
-        under the current session (the node's default one, replaced when lost, unless a
-        fixed one was given). On failure the keeper thread retries in the background."""
+    def _register(self, deadline: float, if_changed: bool = False) -> None:
+        """Tell the cluster which handlers this worker serves and how many pool threads it
+        has free for claims (the pool less those still stuck in a handler whose claim
+        ended), giving back the claims it could not start, under the current session (the
+        node's default one, replaced when lost, unless a fixed one was given). On failure
+        the keeper thread retries in the background. ``if_changed``: send nothing if the
+        cluster already has exactly this (a handler that returned as its claim ended)."""
         with self._register_lock:
             with self._guard:
                 names = sorted(self._handlers) if self._state != "left" else []
-                capacity = self.pool if names and self._state == "serving" else 0
-                self._stale = True
+                capacity = self._free_capacity() if names and self._state == "serving" else 0
+                returning = dict(self._returning)
+                self._stale = False  # what we send now is current; a change from here on marks it again
             try:
                 session = self._submit_session(deadline)
                 self._session = session
-                status, payload = self._replica.submit(session, Op.TASK_WORKER, [self._worker_id, names, capacity],
-                                                       deadline, "register task worker")
-                raise_for_status(status, payload, "register task worker")
+                returned = [[job_id, token] for (job_id, token), session_id in returning.items()
+                            if session_id == session.id]  # another session's claims end with it
+                registration = (session.id, names, capacity)
+                if not (if_changed and not returned and registration == self._registered):
+                    args = [self._worker_id, names, capacity] + ([returned] if returned else [])
+                    status, payload = self._replica.submit(session, Op.TASK_WORKER, args, deadline,
+                                                           "register task worker")
+                    raise_for_status(status, payload, "register task worker")
+                    self._registered = registration
             except RaftsyncError:
+                with self._guard:
+                    self._stale = True
                 self._wake.set()
                 raise
             with self._guard:
-                self._stale = False
+                for claim in returning:
+                    self._returning.pop(claim, None)
+
+    def _free_capacity(self) -> int:
+        """Pool threads free for claims (call with _guard held): a thread still running a
+        handler whose claim ended (overran, cancelled, session lost) is not free, though
+        the cluster no longer counts that claim."""
+        stuck = sum(1 for claim in self._running if claim.cancelled.is_set())
+        return max(0, self.pool - stuck)
+
+    def _occupied(self) -> int:
+        """Pool threads taken (call with _guard held): running a handler, or about to run a
+        claim that is still current."""
+        waiting = sum(1 for claim in self._claims.values() if not claim._started and not claim.cancelled.is_set())
+        return len(self._running) + waiting
 
     def _keep_registered(self) -> None:
-        """Register again whenever that failed or our session was lost (the node opens a
-        new default session; the old one's end gives its claims back)."""
+        """Register again whenever that failed, our session was lost (the node opens a new
+        default session; the old one's end gives its claims back), a handler thread got
+        stuck or came back, or a claim is to be given back."""
         attempt = 0
         while True:
             self._wake.wait()
@@ -551,14 +648,13 @@ class Tasks:
                 log.warning("task worker %#x: its session is lost; it serves no more jobs", self._worker_id)
                 return
             try:
-                self._register(time.monotonic() + self._replica.config.quorum_timeout)
+                self._register(time.monotonic() + self._replica.config.quorum_timeout, if_changed=True)
                 attempt = 0
             except Closed:  # the node closed (its sessions ended: the cluster freed our claims)
                 with self._guard:
                     self._state = "left"
                     unfinished = list(self._claims.values())
-                for claim in unfinished:
-                    claim._revoke("node closed")
+                self._end_claims(unfinished, "node closed")
                 for _ in self._threads:
                     self._work.put(None)
                 return
@@ -567,32 +663,74 @@ class Tasks:
                 log.info("task worker %#x: registering failed (%s); retrying", self._worker_id, exc)
                 time.sleep(min(1.0, 0.05 * attempt))  # bounded pause before the next attempt
 
+    def _end_claims(self, claims: list[JobContext], reason: str) -> None:
+        """These claims are over without us (``job.cancelled`` is set). A handler still
+        running one keeps its thread: the cluster is told we have one thread less."""
+        with self._guard:
+            stuck = False
+            for claim in claims:
+                if not claim.cancelled.is_set():
+                    claim._revoke(reason)
+                    stuck = stuck or claim in self._running
+            if stuck and self._state == "serving":
+                self._stale = True
+                self._wake.set()
+
     def _on_session_lost(self, session_id: int) -> None:
         session = self._session
         if session is None or session.id != session_id:
             return
         with self._guard:
             claims = [claim for claim in self._claims.values() if claim.session.id == session_id]
-        for claim in claims:
-            claim._revoke("session lost")
+            for claim, owner in list(self._returning.items()):
+                if owner == session_id:
+                    del self._returning[claim]
+        self._end_claims(claims, "session lost")
         with self._guard:
             self._stale = True
         self._wake.set()
 
+    def _on_holdings(self, session_ids: set[int], current: set[tuple[int, int]]) -> None:
+        with self._guard:
+            ended = [claim for claim in self._claims.values()
+                     if claim.session.id in session_ids and (claim.id, claim.token) not in current]
+            for claim, owner in list(self._returning.items()):
+                if owner in session_ids and claim not in current:
+                    del self._returning[claim]
+        if ended:
+            self._count("revoked", len(ended))
+        self._end_claims(ended, "ended while this node was away")
+
     def _on_assigned(self, effect: list[Any]) -> None:
-        session_id, job_id, token = effect[1], effect[3], effect[4]
+        session_id, job_id, token, name = effect[1], effect[3], effect[4], effect[5]
         session = self._replica.sessions.by_id(session_id)
         if session is None:
             return  # a session this process already lost: the cluster re-queues its claims
+        superseded = None
         with self._guard:
-            if (job_id, token) in self._recent:
-                return
+            if (job_id, token) in self._recent or (job_id, token) in self._returning or self._state == "left":
+                return  # re-announced after a snapshot install; or leaving: the leave frees it
             current = self._claims.get(job_id)
             if current is not None:
                 if current.token == token:
                     return  # re-announced after a snapshot install
-                current._revoke("superseded")
-            claim = self._claims[job_id] = JobContext(self, session, effect)
+                superseded = current
+            handler = self._handlers.get(name)
+            if handler is None or self._occupied() - (superseded is not None and not superseded._started) >= self.pool:
+                # No thread will be free for it (one is stuck in an overrunning handler the
+                # cluster already counts free), or the name was unregistered: give it back
+                # unstarted, without using an attempt, with our next registration.
+                self._returning[(job_id, token)] = session_id
+                self._stale = True
+                claim = None
+            else:
+                claim = self._claims[job_id] = JobContext(self, session, effect, handler)
+        if superseded is not None:
+            self._end_claims([superseded], "superseded")
+        if claim is None:
+            self._count("returned")
+            self._wake.set()
+            return
         self._work.put(claim)
 
     def _on_revoked(self, effect: list[Any]) -> None:
@@ -601,7 +739,7 @@ class Tasks:
             claim = self._claims.get(job_id)
         if claim is not None and claim.token == token:
             self._count("revoked")
-            claim._revoke(reason)
+            self._end_claims([claim], reason)
 
     def _run_pool(self) -> None:
         while True:
@@ -610,12 +748,19 @@ class Tasks:
                 return
             with self._guard:
                 self._busy += 1
+                # revoked before it started: the cluster has already moved it on
+                start = not claim.cancelled.is_set()
+                claim._started = True
+                if start:
+                    self._running.add(claim)
             try:
-                self._run_one(claim)
-            except Exception:
+                if start:
+                    self._run_one(claim)
+            except BaseException:  # the thread serves on, whatever a handler or report raised
                 log.exception("task worker: running job %s failed", claim.id)
             finally:
                 with self._guard:
+                    self._handler_returned(claim)
                     self._busy -= 1
                     if self._claims.get(claim.id) is claim:
                         del self._claims[claim.id]
@@ -624,20 +769,27 @@ class Tasks:
                         self._recent.popitem(last=False)
                     self._idle.notify_all()
 
+    def _handler_returned(self, claim: JobContext) -> None:
+        """Call with _guard held: its thread is free again (for the cluster too if the
+        claim had ended while the handler still ran)."""
+        if claim in self._running:
+            self._running.discard(claim)
+            if claim.cancelled.is_set() and self._state == "serving":
+                self._stale = True
+                self._wake.set()
+
     def _run_one(self, claim: JobContext) -> None:
-        if claim.cancelled.is_set():
-            return  # revoked before it started: the cluster has already moved it on
-        handler = self._handlers.get(claim.name)
         self._count("started")
-        if handler is None:
-            self._report(claim, Op.TASK_FAIL, [f"no handler {claim.name!r} on this worker any more", True])
-            return
         try:
-            result = handler(claim)
-        except Exception as exc:
+            result = claim._handler(claim)
+        except BaseException as exc:  # also asyncio.CancelledError, SystemExit: a failed attempt
             error = f"{type(exc).__name__}: {exc}".encode("utf-8")[:MAX_ERROR_BYTES].decode("utf-8", "ignore")
+            with self._guard:
+                self._handler_returned(claim)
             self._report(claim, Op.TASK_FAIL, [error, True])
             return
+        with self._guard:
+            self._handler_returned(claim)
         try:
             data = _pack(result, "result")
         except RaftsyncError as exc:  # retrying would not help
@@ -666,9 +818,9 @@ class Tasks:
         except RaftsyncError as exc:
             log.info("%s: %s (still proposed in the background)", what, exc)
 
-    def _count(self, what: str) -> None:
+    def _count(self, what: str, how_many: int = 1) -> None:
         with self._guard:
-            self.stats[what] += 1
+            self.stats[what] += how_many
 
     @property
     def worker_id(self) -> int:
@@ -677,7 +829,8 @@ class Tasks:
     def close(self, timeout: float = 10.0) -> None:
         """Stop taking jobs, let the handlers running here finish (up to ``timeout``), then
         leave: whatever is still claimed here is queued again at once (not counted as a
-        failed attempt)."""
+        failed attempt). The leave keeps being proposed in the background until it applies
+        (or our session ends, which frees the same claims)."""
         with self._guard:
             if self._state != "serving":
                 return
@@ -696,20 +849,39 @@ class Tasks:
             while (self._busy or self._claims) and time.monotonic() < deadline:
                 self._idle.wait(max(0.0, deadline - time.monotonic()))
             self._state = "left"
-        try:
-            self._register(max(deadline, time.monotonic() + 1.0))
-        except RaftsyncError as exc:
-            log.info("task worker %#x: leaving failed (%s); its session's end frees its claims",
-                     self._worker_id, exc)
+            unstarted = [claim for claim in self._claims.values()
+                         if not claim._started and not claim.cancelled.is_set()]
+            for claim in unstarted:  # no pool thread starts them now (it checks under _guard)
+                claim._revoke("worker closed")
+        self._leave(max(deadline, time.monotonic() + 1.0), unstarted)
         with self._guard:
             unfinished = list(self._claims.values())
-        for claim in unfinished:  # given back: whatever they still report is refused
-            claim._revoke("worker closed")
+        self._end_claims(unfinished, "worker closed")  # given back: whatever they still report is refused
         with self._router.guard:
             self._router.workers.pop(self._worker_id, None)
         for _ in self._threads:
             self._work.put(None)
         self._wake.set()
+
+    def _leave(self, deadline: float, unstarted: list[JobContext]) -> None:
+        """Unregister (through ``finish``: retried until it applies or the session is lost,
+        so no ghost worker keeps getting claims), giving back unstarted claims uncounted."""
+        with self._register_lock:
+            session = self._session
+            if session is None:
+                return
+            with self._guard:
+                returned = {claim: None for claim, owner in self._returning.items() if owner == session.id}
+                self._returning.clear()
+            returned.update({(claim.id, claim.token): None for claim in unstarted if claim.session.id == session.id})
+            args = [self._worker_id, [], 0] + ([[list(claim) for claim in returned]] if returned else [])
+            try:
+                self._replica.finish(session, Op.TASK_WORKER, args, deadline, "leave as task worker")
+            except SessionExpired:
+                pass  # its end frees our claims
+            except RaftsyncError as exc:
+                log.info("task worker %#x: leaving not applied yet (%s); still proposed in the background",
+                         self._worker_id, exc)
 
     def __enter__(self) -> "Tasks":
         return self

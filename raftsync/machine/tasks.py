@@ -6,8 +6,11 @@ Jobs
   once or, with a delay, "delayed" until a ``task_delay`` deadline the Raft leader
   measures has passed. An idempotency ``key`` maps to the job it first created, for as
   long as that job is kept.
-- Workers register per session (``TASK_WORKER``: handler names and pool size). A queued
-  job is assigned, in the same command that made it runnable or freed a slot (submit,
+- Workers register per session (``TASK_WORKER``: handler names and how many pool threads
+  they have free for claims: the pool less the threads still stuck in a handler whose
+  claim ended). A worker gives back, in the same command, claims it cannot start (no
+  free thread, or it no longer serves the name): they are queued again at the front
+  without using an attempt. A queued job is assigned, in the same command that made it runnable or freed a slot (submit,
   completion, failure, registration, re-queue, delay over), to the registered worker
   with the handler and the most free slots (then the one assigned to least recently):
   FIFO per handler name. The assignment is an effect owned by the worker's session, so
@@ -19,6 +22,9 @@ Jobs
   dead-lettered with the error text once attempts run out), its visibility deadline
   (``task_claim``: the job's timeout, measured by the leader; re-queued at once), its
   worker's session ending (re-queued at once), or cancellation.
+- Active jobs (queued, delayed, running) are bounded in count and in the bytes they hold
+  (payload, key, progress, last error): a submit beyond is refused, a progress report
+  that does not fit is refused, a failure's error text is cut to what fits.
 - Terminal jobs (done, dead, cancelled) keep their result or error in a bounded window
   (count and bytes), oldest evicted first with their keys; every terminal change is
   appended to a bounded history so ``Job.result`` can wait through a watch.
@@ -26,7 +32,9 @@ Jobs
 Schedules
 - ``TASK_SCHEDULE`` stores (name -> handler, every_ms | cron, payload, ...). Each run is
   a slot with an id; the machine enqueues a slot only if its id is above the schedule's
-  last one, so a slot runs at most once however often it is proposed.
+  last one, so a slot runs at most once however often it is proposed. A slot that comes
+  while the schedule's previous run is still queued or delayed (no worker takes it) is
+  skipped and counted (``skipped``), so a schedule holds at most one waiting run.
 - ``every``: a ``task_every`` deadline of ``every`` seconds, measured by the leader's
   monotonic clock from when it applied the previous slot; its expiry (``TASK_TICK``,
   naming the token of the last slot) enqueues slot last + 1. Slot ids are consecutive.
@@ -34,6 +42,15 @@ Schedules
   slot id = the epoch minute of the latest due cron time by its wall clock. A leader
   whose clock is behind proposes a slot already applied (refused) or waits: skew shifts
   a run but never doubles it. After an outage only the latest missed slot runs.
+  A leader whose clock is AHEAD by D runs the slot its clock names (up to D early) and
+  that slot becomes the schedule's last: later leaders with correct clocks propose only
+  newer slots, so no run happens until real time reaches that slot — a clock D ahead,
+  even briefly, suppresses the schedule's runs for up to D. The machine cannot tell that
+  from a legitimate catch-up after an outage (it has no clock), and letting a leader
+  move the last slot back would let one whose clock is behind run a slot twice; so this
+  is not corrected, only made visible: ``schedules()`` shows the last slot (an epoch
+  minute in the future means it) and the duty logs a warning. Keep leader clocks
+  synchronized (NTP) for cron schedules.
 
 Pure and deterministic like every table: no clock, no randomness, nothing raised but
 Invalid; every structure is bounded.
@@ -181,8 +198,11 @@ class Job:
 
     def kept_bytes(self) -> int:
         """Bytes a terminal job keeps."""
-        return (len(self.result or b"") + len((self.error or "").encode("utf-8")) + len(self.progress or b"")
-                + len(self.key or ""))
+        return len(self.result or b"") + _text_bytes(self.error) + len(self.progress or b"") + _text_bytes(self.key)
+
+    def held_bytes(self) -> int:
+        """Bytes an active (queued, delayed, running) job holds: what MAX_ACTIVE_BYTES bounds."""
+        return len(self.payload or b"") + _text_bytes(self.key) + len(self.progress or b"") + _text_bytes(self.error)
 
     def to_state(self) -> list[Any]:
         return [self.id, self.name, self.payload, self.key, self.max_attempts, self.timeout_ms, self.backoff_ms,
@@ -222,7 +242,7 @@ class Worker:
 
 class Schedule:
     __slots__ = ("name", "handler", "every_ms", "cron", "payload", "max_attempts", "timeout_ms", "backoff_ms",
-                 "anchor_ms", "version", "last_slot", "tick_token", "skipped")
+                 "anchor_ms", "version", "last_slot", "tick_token", "skipped", "last_job")
 
     def __init__(self, name: str, handler: str, every_ms: int | None, cron: str | None, payload: bytes,
                  max_attempts: int, timeout_ms: int, backoff_ms: int, anchor_ms: int, version: int) -> None:
@@ -238,7 +258,8 @@ class Schedule:
         self.version = version      # machine index of the definition
         self.last_slot = 0
         self.tick_token = 0         # every: index of the last slot (or the definition)
-        self.skipped = 0            # slots due while the queue was full
+        self.skipped = 0            # slots due while the queue was full or its previous run still waited
+        self.last_job = 0           # id of the job its latest run created
 
     def view(self) -> list[Any]:
         return [self.name, self.handler, self.every_ms, self.cron, self.last_slot, self.version, self.skipped,
@@ -246,13 +267,19 @@ class Schedule:
 
     def to_state(self) -> list[Any]:
         return [self.name, self.handler, self.every_ms, self.cron, self.payload, self.max_attempts, self.timeout_ms,
-                self.backoff_ms, self.anchor_ms, self.version, self.last_slot, self.tick_token, self.skipped]
+                self.backoff_ms, self.anchor_ms, self.version, self.last_slot, self.tick_token, self.skipped,
+                self.last_job]
 
     @classmethod
     def from_state(cls, state: list[Any]) -> "Schedule":
         schedule = cls(*state[:10])
         schedule.last_slot, schedule.tick_token, schedule.skipped = state[10:13]
+        schedule.last_job = state[13] if len(state) > 13 else 0  # snapshots from before last_job
         return schedule
+
+
+def _text_bytes(text: str | None) -> int:
+    return len(text.encode("utf-8")) if text else 0
 
 
 def _history_entry_bytes(entry: list[Any]) -> int:
@@ -356,30 +383,38 @@ class TaskTable(Table):
             return encode_result(Status.OK, [self.keys[key], False])
         if name not in self.catalog:
             return encode_result(Status.NOT_FOUND, UNKNOWN_HANDLER)
-        if not self._room_for(payload):
+        if not self._room_for(len(payload) + _text_bytes(key)):
             return encode_result(Status.TOO_LARGE, "task queue full")
         job = self._create(ctx, name, payload, key, retries + 1, timeout_ms, backoff_ms, None, delay_ms)
         return encode_result(Status.OK, [job.id, True])
 
     def _worker_command(self, ctx: Context, session_id: int, args: list[Any]) -> bytes:
-        arity(args, (3,), "TASK_WORKER takes [worker_id, names, capacity]")
+        """Register (names, capacity: its free pool threads), drain (capacity 0) or leave (no
+        names, capacity 0). ``returned``: claims of this worker it gives back unstarted (no
+        pool thread was free, or it no longer serves the name): queued again at the front
+        without using an attempt, before the registration takes effect."""
+        arity(args, (3, 4), "TASK_WORKER takes [worker_id, names, capacity] or [..., returned]")
         worker_id = int_arg(args[0], "worker id")
         if not isinstance(args[1], list) or len(args[1]) > MAX_WORKER_NAMES:
             raise Invalid(f"names must be a list of at most {MAX_WORKER_NAMES} handler names")
         names = sorted({str_arg(name, MAX_NAME_BYTES, "handler name") for name in args[1]})
         capacity = _bounded_int(args[2], "capacity", 0, MAX_POOL)
+        returned = _claim_list(args[3]) if len(args) == 4 else []
         key = (session_id, worker_id)
         worker = self.workers.get(key)
+        given_back = self._give_back(ctx, worker, returned) if worker is not None else []
         if not names and capacity == 0:  # unregister: what it held is queued again, not counted
             if worker is None:
                 return OK
             self.by_session[session_id].remove(worker_id)
             if not self.by_session[session_id]:
                 del self.by_session[session_id]
-            self._dispatch(ctx, self._remove_worker(ctx, worker, "worker left", counted=False))
+            removed = self._remove_worker(ctx, worker, "worker left", counted=False)
+            self._dispatch(ctx, sorted(set(removed) | set(given_back)))
             return OK
         new_names = [name for name in names if name not in self.catalog]
         if len(self.catalog) + len(new_names) > MAX_CATALOG and not self._evict_catalog(len(new_names)):
+            self._dispatch(ctx, given_back, avoid=key)
             return encode_result(Status.TOO_LARGE, f"more than {MAX_CATALOG} handler names")
         if worker is None:
             if len(self.workers) >= MAX_WORKERS:
@@ -393,7 +428,7 @@ class TaskTable(Table):
             self.by_name.setdefault(name, {})[key] = None
             self.catalog[name] = ctx.index
         worker.names, worker.capacity = names, capacity
-        self._dispatch(ctx, names)
+        self._dispatch(ctx, sorted(set(names) | set(given_back)), avoid=key if given_back else None)
         return OK
 
     def _complete_command(self, ctx: Context, session_id: int, args: list[Any]) -> bytes:
@@ -429,6 +464,10 @@ class TaskTable(Table):
         progress = bytes_arg(args[2], MAX_PROGRESS_BYTES, "progress")
         if job is None:
             return encode_result(Status.NOT_HELD, "not the job's current claim")
+        grown = len(progress) - len(job.progress or b"")
+        if grown > 0 and self.active_bytes + grown > MAX_ACTIVE_BYTES:
+            return encode_result(Status.TOO_LARGE, "task queue full")
+        self.active_bytes += grown
         job.progress = progress
         return OK
 
@@ -485,6 +524,8 @@ class TaskTable(Table):
             return encode_result(Status.TOO_LARGE, f"more than {MAX_SCHEDULES} schedules")
         schedule = Schedule(name, handler, every_ms, cron, payload, retries + 1, timeout_ms, backoff_ms, anchor_ms,
                             ctx.index)
+        if old is not None:
+            schedule.last_job = old.last_job  # its waiting run still holds back the next
         if old is not None and bool(old.every_ms) == bool(every_ms):
             # Same kind of slot ids: a redefinition never runs a slot that already ran.
             schedule.last_slot, schedule.skipped = old.last_slot, old.skipped
@@ -567,15 +608,16 @@ class TaskTable(Table):
 
     # -- the queue ------------------------------------------------------------------------
 
-    def _room_for(self, payload: bytes) -> bool:
-        return self.active < MAX_ACTIVE_JOBS and self.active_bytes + len(payload) <= MAX_ACTIVE_BYTES
+    def _room_for(self, size: int) -> bool:
+        """Room for one more active job holding ``size`` bytes (payload and key)."""
+        return self.active < MAX_ACTIVE_JOBS and self.active_bytes + size <= MAX_ACTIVE_BYTES
 
     def _create(self, ctx: Context, name: str, payload: bytes, key: str | None, max_attempts: int,
                 timeout_ms: int, backoff_ms: int, origin: list[Any] | None, delay_ms: int) -> Job:
         job = self.jobs[ctx.index] = Job(ctx.index, name, payload, key, max_attempts, timeout_ms, backoff_ms,
                                          origin)
         self.active += 1
-        self.active_bytes += len(payload)
+        self.active_bytes += job.held_bytes()
         if key is not None:
             self.keys[key] = job.id
         if delay_ms:
@@ -668,15 +710,40 @@ class TaskTable(Table):
     def _attempt_failed(self, ctx: Context, job: Job, error: str, backoff: bool,
                         avoid: WorkerKey | None = None) -> None:
         """An attempt ended without a result: retry (after backoff) or dead-letter."""
-        job.error = error
         if job.attempt >= job.max_attempts:
             self._finish(ctx, job, DEAD, error=error)
             return
+        self._set_error(job, error)
         delay_ms = min(MAX_BACKOFF_MS, job.backoff_ms * (1 << min(job.attempt - 1, 30))) if backoff else 0
         if delay_ms:
             self._delay(ctx, job, delay_ms)
         else:
             self._make_runnable(ctx, job, front=True, avoid=avoid)
+
+    def _set_error(self, job: Job, error: str) -> None:
+        """Keep an active job's last error, cut to what MAX_ACTIVE_BYTES still has room for
+        (a failure cannot be refused)."""
+        room = MAX_ACTIVE_BYTES - (self.active_bytes - _text_bytes(job.error))
+        if _text_bytes(error) > room:
+            error = error.encode("utf-8")[:room].decode("utf-8", "ignore")
+        self.active_bytes += _text_bytes(error) - _text_bytes(job.error)
+        job.error = error
+
+    def _give_back(self, ctx: Context, worker: Worker, returned: list[tuple[int, int]]) -> list[str]:
+        """Queue again, at the front and without using an attempt, the claims ``worker``
+        never started (those still current); their handler names."""
+        names = set()
+        # newest first, each to the front: the oldest claim ends up first in its queue
+        for job_id, token in sorted(returned, key=lambda claim: claim[1], reverse=True):
+            job = self.jobs.get(job_id)
+            if job is None or job.state != RUNNING or job.token != token or job.worker != worker.key:
+                continue
+            self._end_claim(ctx, job, "given back", tell=False)
+            job.attempt -= 1
+            job.state = QUEUED
+            self.queues.setdefault(job.name, deque()).appendleft(job.id)
+            names.add(job.name)
+        return sorted(names)
 
     def _remove_worker(self, ctx: Context, worker: Worker, reason: str, counted: bool) -> list[str]:
         """Drop a worker; its claims are queued again (``counted``: as failed attempts, so a
@@ -719,7 +786,7 @@ class TaskTable(Table):
     def _finish(self, ctx: Context, job: Job, state: str, result: bytes | None = None,
                 error: str | None = None) -> None:
         self.active -= 1
-        self.active_bytes -= len(job.payload or b"")
+        self.active_bytes -= job.held_bytes()
         self.delays.pop(job.id, None)
         job.state, job.result, job.payload = state, result, None
         if error is not None:
@@ -737,12 +804,18 @@ class TaskTable(Table):
                 del self.keys[old.key]
 
     def _run_slot(self, ctx: Context, schedule: Schedule, slot: int) -> None:
+        """Enqueue the schedule's run for ``slot``, unless its previous run still waits
+        (queued or delayed: no worker takes it, so runs would pile up) or the queue is full;
+        a slot not run is counted in ``skipped``."""
         schedule.last_slot = slot
-        if schedule.handler not in self.catalog or not self._room_for(schedule.payload):
+        previous = self.jobs.get(schedule.last_job)
+        if (previous is not None and previous.state in (QUEUED, DELAYED)) or schedule.handler not in self.catalog \
+                or not self._room_for(len(schedule.payload)):
             schedule.skipped += 1
             return
-        self._create(ctx, schedule.handler, schedule.payload, None, schedule.max_attempts, schedule.timeout_ms,
-                     schedule.backoff_ms, [schedule.name, slot], 0)
+        job = self._create(ctx, schedule.handler, schedule.payload, None, schedule.max_attempts, schedule.timeout_ms,
+                           schedule.backoff_ms, [schedule.name, slot], 0)
+        schedule.last_job = job.id
 
     # -- snapshots ------------------------------------------------------------------------
 
@@ -767,7 +840,7 @@ class TaskTable(Table):
                 self.finished_bytes += job.kept_bytes()
             else:
                 self.active += 1
-                self.active_bytes += len(job.payload or b"")
+                self.active_bytes += job.held_bytes()
         self.queues = {name: deque(ids) for name, ids in state["queues"]}
         for session_id, worker_id, names, capacity, claims, last_assigned in state["workers"]:
             worker = Worker(session_id, worker_id)
@@ -793,6 +866,18 @@ def _bounded_int(value: Any, what: str, minimum: int, maximum: int) -> int:
     return value
 
 
+def _claim_list(value: Any) -> list[tuple[int, int]]:
+    """[[job_id, token], ...]: claims a worker gives back."""
+    if not isinstance(value, list) or len(value) > MAX_POOL:
+        raise Invalid(f"returned must be a list of at most {MAX_POOL} [job_id, token] pairs")
+    claims = []
+    for item in value:
+        if not isinstance(item, list) or len(item) != 2:
+            raise Invalid("a returned claim is [job_id, token]")
+        claims.append((int_arg(item[0], "job id"), int_arg(item[1], "token")))
+    return claims
+
+
 def _text_arg(value: Any, limit: int, what: str) -> str:
     if not isinstance(value, str) or len(value.encode("utf-8")) > limit:
         raise Invalid(f"{what} must be a str of at most {limit} bytes")
@@ -812,6 +897,10 @@ def check_cron(text: Any) -> str:
 
     if not croniter.is_valid(text.strip()):
         raise ValueError(f"not a valid cron expression: {text!r}")
+    try:
+        cron_next(text.strip(), 0.0)
+    except Exception:  # croniter's CroniterBadDateError: e.g. "0 0 31 2 *"
+        raise ValueError(f"cron expression never fires: {text!r}") from None
     return text.strip()
 
 
@@ -836,6 +925,12 @@ def cron_latest(text: str, at: float) -> float:
     return croniter(text, minute).get_prev(float)
 
 
+def _utc(seconds: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
 class CronDuty(LeaderDuty):
     """The leader proposes each cron schedule's due slot (id = epoch minute of the latest
     cron time at or before its wall clock) once; the machine takes a slot only if it is
@@ -843,6 +938,8 @@ class CronDuty(LeaderDuty):
     A proposal not applied within RETRY seconds (lost in a leader change) is made again."""
 
     RETRY = 2.0
+    # a last slot this far past our wall clock was run by a leader whose clock is ahead
+    AHEAD_WARNING = 120.0
 
     def __init__(self) -> None:
         # (schedule, version, last slot) -> the next cron time after it (epoch s); a pure
@@ -850,6 +947,7 @@ class CronDuty(LeaderDuty):
         self._next: dict[tuple[str, int, int], float] = {}
         self._proposed: dict[tuple[str, int], tuple[int, float]] = {}  # -> (slot, when, monotonic)
         self._bad: set[tuple[str, int]] = set()
+        self._warned_ahead: dict[tuple[str, int], int] = {}  # -> the last slot warned about
 
     def became_leader(self, machine: Any, monotonic_now: float, wall_now: float) -> None:
         self._proposed.clear()
@@ -876,7 +974,17 @@ class CronDuty(LeaderDuty):
         if len(self._next) > 2 * MAX_SCHEDULES:
             live = {(s.name, s.version, s.last_slot) for s in table.schedules.values()}
             self._next = {key: value for key, value in self._next.items() if key in live}
+        self._forget_removed(table)
         return commands
+
+    def _forget_removed(self, table: "TaskTable") -> None:
+        """Keep per-schedule memory to schedules that exist (a redefinition is a new version)."""
+        if len(self._proposed) + len(self._bad) + len(self._warned_ahead) <= len(table.schedules):
+            return
+        live = {(s.name, s.version) for s in table.schedules.values() if s.cron is not None}
+        self._proposed = {key: value for key, value in self._proposed.items() if key in live}
+        self._bad &= live
+        self._warned_ahead = {key: value for key, value in self._warned_ahead.items() if key in live}
 
     def _due_slot(self, schedule: Schedule, wall_now: float) -> int | None:
         key = (schedule.name, schedule.version, schedule.last_slot)
@@ -885,6 +993,12 @@ class CronDuty(LeaderDuty):
             after = schedule.last_slot * 60.0 if schedule.last_slot else schedule.anchor_ms / 1000.0
             next_time = self._next[key] = cron_next(schedule.cron, after)
         if wall_now < next_time:
+            if schedule.last_slot * 60.0 > wall_now + self.AHEAD_WARNING \
+                    and self._warned_ahead.get((schedule.name, schedule.version)) != schedule.last_slot:
+                self._warned_ahead[(schedule.name, schedule.version)] = schedule.last_slot
+                log.warning("cron schedule %r: its last run was for %s UTC, %.0f s past this leader's clock "
+                            "(a leader with a fast clock ran it): no run until then", schedule.name,
+                            _utc(schedule.last_slot * 60.0), schedule.last_slot * 60.0 - wall_now)
             return None
         # Only the latest due time runs: after an outage the backlog is one run, not many.
         slot = int(cron_latest(schedule.cron, wall_now) // 60)

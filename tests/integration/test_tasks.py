@@ -4,6 +4,7 @@ letters, idempotent submission, schedules through a leader kill."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -279,4 +280,31 @@ def test_jobs_survive_repeated_worker_kills(make_cluster):
         assert result["token"] == status["token"], "the result of a claim that was not the last one"
         attempts.append(status["attempt"])
     assert max(attempts) > 1, "no kill hit a running job: the fault was not exercised"
+    check_serving(cluster)
+
+
+def test_a_claim_that_ended_in_entries_a_snapshot_skipped_is_revoked_on_the_worker(make_cluster):
+    """The worker's engine misses the cancel (paused while the leader compacts its log),
+    catches up by a snapshot install, and its handler is still told the claim is over."""
+    cluster = make_cluster(3, compaction_min_entries=50, session_ttl=30)
+    leader = cluster.leader()
+    worker = next(node for node in cluster.nodes if node is not leader)
+    worker.call("tasks_start", pool=2, handlers=["sleep", "echo"])
+    job_id, _ = leader.call("task_submit", name="sleep", payload={"seconds": 60}, timeout=120)
+    wait_for(lambda: events(worker, "task_start", "sleep"), 10, "the job to start")
+    os.kill(worker.engine_pid, signal.SIGSTOP)
+    try:
+        assert leader.call("task_cancel", job_id=job_id) is True
+        for i in range(120):
+            leader.call("kv_write", key=f"fill/{i}", value=b"x", timeout=10)
+        wait_for(lambda: leader.call("status")["log_length"] < 150, 20, "the leader to compact its log")
+        wait_for(lambda: not leader.call("status")["peers_connected"][worker.address], 20,
+                 "the leader to drop the paused follower")
+    finally:
+        os.kill(worker.engine_pid, signal.SIGCONT)
+    wait_for(lambda: worker.call("status")["snapshots_restored"] >= 1, 30, "the snapshot install")
+    assert worker.call("task_status", job_id=job_id, consistency="local")["state"] == "cancelled"
+    # the handler waits on job.cancelled: it is told its claim is over
+    wait_for(lambda: events(worker, "task_end", "sleep"), 15, "the cancelled handler to be told")
+    assert events(worker, "task_end", "sleep")[0][3] is True
     check_serving(cluster)

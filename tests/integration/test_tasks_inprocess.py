@@ -3,6 +3,7 @@ progress, status, waiting from another Tasks object, closing a worker, schedules
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -74,6 +75,8 @@ def test_bad_input_gets_typed_errors(node):
         tasks.schedule("s", "echo", cron="* * *")
     with pytest.raises(BadRequest):
         tasks.schedule("s", "echo", cron="0 25 * * *")
+    with pytest.raises(BadRequest, match="never fires"):
+        tasks.schedule("s", "echo", cron="0 0 31 2 *")
     with pytest.raises(BadRequest):
         tasks.schedule("s", "echo")
     with pytest.raises(BadRequest):
@@ -142,3 +145,5 @@ def test_every_schedule_runs_slots_in_order_until_removed(node):
     assert runs[:3] == [("heartbeat", 1, "hb"), ("heartbeat", 2, "hb"), ("heartbeat", 3, "hb")]
     cron_version = tasks.schedule("nightly", "beat", cron="0 3 * * *")
     assert [s.cron for s in tasks.schedules()] == ["0 3 * * *"] and cron_version > version
+    assert tasks.schedules()[0].last_time is None  # no run yet
+    assert dataclasses.replace(tasks.schedules()[0], last_slot=28_401_120).last_time == 28_401_120 * 60.0

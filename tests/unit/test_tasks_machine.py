@@ -10,6 +10,7 @@ bounded memory).
 from __future__ import annotations
 
 import calendar
+import random
 import time
 
 import msgpack
@@ -200,6 +201,74 @@ def test_a_worker_that_leaves_gives_its_claims_back_without_using_an_attempt():
     assert [e.job_id for e in assigned(effects)][0] == job_id
 
 
+def test_a_worker_gives_back_claims_it_cannot_start_without_using_an_attempt():
+    c = Cluster()
+    c.worker(2, ["a"], 2)
+    _, (first, _), effects = c.submit(1, "a", retries=0)
+    one = assigned(effects)[0]
+    _, (second, _), effects = c.submit(1, "a", retries=0)
+    two = assigned(effects)[0]
+    # a handler thread is stuck: the worker has one free thread and gives both claims back
+    # (stale ones, or another worker's, are ignored)
+    status, _, effects = c.do(2, Op.TASK_WORKER, 7, ["a"], 1,
+                              [[first, one.token], [second, two.token], [second, two.token + 1], [999, 1]])
+    assert status == Status.OK
+    ended = [e for e in effects if e[0] == "task_claim_ended"]
+    assert sorted(e.job_id for e in ended) == [first, second] and all(not e.tell for e in ended)
+    assert {e.deadline for e in ended} == {("task_claim", first, None, None), ("task_claim", second, None, None)}
+    # it had room for one: the oldest comes straight back to it, still as a first attempt
+    [again] = assigned(effects)
+    assert (again.job_id, again.attempt, again.owner) == (first, 1, 2)
+    assert c.job(second)[2:4] == ["queued", 0]
+    _, _, effects = c.worker(3, ["a"], 1, worker_id=8)
+    assert [(e.job_id, e.attempt) for e in assigned(effects)] == [(second, 1)]
+    assert c.do(3, Op.TASK_WORKER, 7, ["a"], 1, [[first, again.token]])[0] == Status.OK  # not its claim
+    assert c.job(first)[2] == "running"
+    for junk in ([[first]], [[first, "x"]], "x", [[1, 1]] * (task_module.MAX_POOL + 1)):
+        assert c.do(2, Op.TASK_WORKER, 7, ["a"], 1, junk)[0] == Status.BAD_COMMAND
+
+
+def test_a_worker_leaving_with_claims_it_gives_back_frees_them_uncounted():
+    c = Cluster()
+    c.worker(2, ["a"], 2)
+    _, (started, _), effects = c.submit(1, "a", retries=0)
+    started_token = assigned(effects)[0].token
+    _, (unstarted, _), effects = c.submit(1, "a", retries=0)
+    status, _, _ = c.do(2, Op.TASK_WORKER, 7, [], 0, [[unstarted, assigned(effects)[0].token]])
+    assert status == Status.OK and c.info()["workers"] == []
+    # the one it never started did not use an attempt; the one it ran did (as before)
+    assert c.job(unstarted)[2:4] == ["queued", 0] and c.job(started)[2:4] == ["queued", 1]
+    assert list(c.m.tasks.queues["a"]) == [started, unstarted] and started_token == started
+
+
+def test_active_jobs_are_bounded_by_the_bytes_they_hold(monkeypatch):
+    c = Cluster()
+    c.worker(2, ["a"], 8)
+    table = c.m.tasks
+    for i in range(20):
+        key = f"{i:04d}" + "k" * 1020
+        _, (job_id, _), effects = c.submit(1, "a", b"\xc0", key=key, retries=5, backoff_ms=3_600_000)
+        token = assigned(effects)[0].token if assigned(effects) else None
+        if token is not None:
+            c.do(2, Op.TASK_PROGRESS, job_id, token, b"p" * task_module.MAX_PROGRESS_BYTES)
+            c.do(2, Op.TASK_FAIL, job_id, token, "e" * task_module.MAX_ERROR_BYTES, True)  # retried later
+    held = sum(job.held_bytes() for job in table.jobs.values())
+    assert table.active == 20 and held > 20 * 1024 + 8 * 8 * 1024
+    assert table.active_bytes == held  # key, progress and last error counted, not only the payload
+    # at the budget: a submit is refused, a growing progress report too, an error is cut to fit
+    monkeypatch.setattr(task_module, "MAX_ACTIVE_BYTES", held + 100)
+    assert c.submit(1, "a", b"\xc0", key="x" * 200)[:2] == (Status.TOO_LARGE, "task queue full")
+    _, (job_id, _), effects = c.submit(1, "a", b"\xc0", retries=2)
+    token = assigned(effects)[0].token
+    assert c.do(2, Op.TASK_PROGRESS, job_id, token, b"p" * 200)[0] == Status.TOO_LARGE
+    assert c.do(2, Op.TASK_PROGRESS, job_id, token, b"p" * 50)[0] == Status.OK
+    c.do(2, Op.TASK_FAIL, job_id, token, "e" * 1000, True)
+    assert 0 < len(table.jobs[job_id].error) < 1000
+    assert table.active_bytes == sum(job.held_bytes() for job in table.jobs.values()) <= held + 100
+    restored = StateMachine.restore(c.m.snapshot()).tasks
+    assert restored.active_bytes == table.active_bytes
+
+
 def test_failures_back_off_exponentially_then_dead_letter_with_the_error_text():
     c = Cluster()
     c.worker(2, ["a"], 1)
@@ -319,6 +388,32 @@ def test_every_schedule_slots_are_consecutive_and_each_runs_once():
     assert c.do(1, Op.TASK_SCHEDULE, "s")[0] == Status.NOT_FOUND
 
 
+def test_a_schedule_holds_at_most_one_waiting_run(monkeypatch):
+    c = Cluster()
+    c.worker(1, ["report"], 1, worker_id=1)
+    c.worker(1, [], 0, worker_id=1)          # the only "report" worker leaves
+    c.worker(3, ["billing"], 8, worker_id=2)
+    _, version, _ = c.do(2, Op.TASK_SCHEDULE, "nightly", "report", 500, None, b"\xc0", 0, 1000, 0, 0)
+    token = version
+    for _ in range(50):  # 25 s of periods with nobody to run them
+        status, _, effects = c.engine(Op.TASK_TICK, "nightly", token)
+        assert status == Status.OK
+        token = [e for e in effects if e[0] == "task_every"][0].token
+    assert c.info()["queued"] == {"report": 1} and c.m.tasks.active == 1
+    [view] = decode_result(c.m.query(encode_query(Query.TASK_SCHEDULES, [])))[1]
+    assert view[4] == 50 and view[6] == 49  # last slot, skipped
+    assert c.submit(2, "billing")[0] == Status.OK  # the queue is not filled by the schedule
+    # a redefinition keeps holding back while its run waits; once it runs, slots run again
+    _, version, _ = c.do(2, Op.TASK_SCHEDULE, "nightly", "report", 600, None, b"\xc0", 0, 1000, 0, 0)
+    assert c.engine(Op.TASK_TICK, "nightly", version)[0] == Status.OK and c.info()["queued"] == {"report": 1}
+    _, _, effects = c.worker(3, ["report"], 1, worker_id=3)
+    [claim] = assigned(effects)
+    assert claim.origin == ["nightly", 1]
+    token = c.m.tasks.schedules["nightly"].tick_token
+    _, _, effects = c.engine(Op.TASK_TICK, "nightly", token)
+    assert c.info()["queued"] == {"report": 1} and c.m.tasks.schedules["nightly"].skipped == 50
+
+
 def test_cron_slots_run_only_if_newer_than_the_last():
     c = Cluster()
     c.worker(2, ["r"], 10)
@@ -425,6 +520,44 @@ def test_cron_duty_after_an_outage_runs_only_the_latest_missed_slot_and_retries_
     assert len(c.m.tasks.jobs) == 1
 
 
+def test_cron_expressions_that_never_fire_are_refused():
+    for never in ("0 0 31 2 *", "0 0 30 2 *", "0 0 31 4 *"):
+        with pytest.raises(ValueError, match="never fires"):
+            check_cron(never)
+    assert check_cron("0 0 29 2 *") == "0 0 29 2 *"  # leap days come
+
+
+def test_cron_duty_forgets_removed_and_redefined_schedules():
+    c = Cluster()
+    c.worker(1, ["h"], 4)
+    duty = CronDuty()
+    now = time.time()
+    duty.became_leader(c.m, 0.0, now)
+    for i in range(300):
+        c.do(2, Op.TASK_SCHEDULE, "s", "h", None, "* * * * *", b"\xc0", 0, 1000, 0, int((now - 120) * 1000))
+        c.do(2, Op.TASK_SCHEDULE, f"bad{i}", "h", None, "99 99 99 99 99", b"\xc0", 0, 1000, 0, 0)
+        duty.due(c.m, float(i), now)
+        c.do(2, Op.TASK_SCHEDULE, f"bad{i}")
+    assert len(duty._proposed) <= 1 and len(duty._bad) <= 1 and len(duty._next) <= 2 * task_module.MAX_SCHEDULES
+
+
+def test_a_leader_clock_ahead_suppresses_cron_runs_until_then_and_is_reported(caplog):
+    """Documented, not corrected (see the module docstring): the slot a fast clock ran
+    stays the last; correct leaders run nothing before it, and say so."""
+    c = Cluster()
+    c.worker(1, ["h"], 4)
+    now = epoch("2024-01-01 12:00:30")
+    c.do(2, Op.TASK_SCHEDULE, "s", "h", None, "* * * * *", b"\xc0", 0, 1000, 0, int((now - 120) * 1000))
+    skewed = CronDuty()
+    assert propose(skewed, c, 0.0, now + 3600) == [int((now + 3600) // 60)]
+    good = CronDuty()
+    with caplog.at_level("WARNING", logger="raftsync.tasks"):
+        assert [slot for minute in range(30) for slot in propose(good, c, minute * 60.0, now + minute * 60)] == []
+    warnings = [r.getMessage() for r in caplog.records if "past this leader's clock" in r.getMessage()]
+    assert len(warnings) == 1 and "2024-01-01 13:00 UTC" in warnings[0]
+    assert propose(good, c, 3660.0, now + 3660) == [int((now + 3660) // 60)]  # runs resume then
+
+
 def test_cron_duty_skips_a_schedule_it_cannot_parse_without_raising():
     c = Cluster()
     c.worker(2, ["r"], 1)
@@ -455,6 +588,7 @@ STEP = st.one_of(
     st.tuples(st.just("unschedule"), st.sampled_from(SIDS), st.sampled_from(["s1", "s2"])),
     st.tuples(st.just("tick"), st.sampled_from(["s1", "s2"]), st.booleans()),
     st.tuples(st.just("slot"), st.sampled_from(["s1", "s2"]), st.integers(0, 3)),
+    st.tuples(st.just("give_back"), st.integers(0, 8), st.booleans(), st.integers(0, 2)),
 )
 # submits, completions and timer expiries with the right token come more often, so runs
 # reach every state (done, dead, retried, re-queued, scheduled) rather than refusals only
@@ -479,6 +613,7 @@ def drive(steps) -> Cluster:
     live = set(SIDS)
     for step in steps:
         kind = step[0]
+        claims_before = claims_by_worker(c)
         # claims are reported on mostly, so those commands pick among running jobs
         running = sorted(job_id for job_id, job in table.jobs.items() if job.state == "running")
         job_ids = running if kind in ("complete", "fail", "progress") and running else sorted(table.jobs)
@@ -532,18 +667,35 @@ def drive(steps) -> Cluster:
             schedule = table.schedules.get(step[1])
             version = schedule.version if schedule else 0
             c.engine(Op.TASK_SLOT, step[1], version, (schedule.last_slot if schedule else 0) + step[2])
-        check_invariants(c)
+        elif kind == "give_back":
+            # a worker gives back one claim it could not start (or names a stale one)
+            job = table.jobs.get(pick(step[1]))
+            if job is not None and job.worker and job.worker[0] in live:
+                sid, worker_id = job.worker
+                worker = table.workers[job.worker]
+                c.do(sid, Op.TASK_WORKER, worker_id, worker.names, step[3],
+                     [[job.id, job.token + (0 if step[2] else 1)]])
+        check_invariants(c, claims_before)
     return c
 
 
-def check_invariants(c: Cluster) -> None:
+def claims_by_worker(c: Cluster) -> dict:
+    return {key: dict(worker.claims) for key, worker in c.m.tasks.workers.items()}
+
+
+def check_invariants(c: Cluster, claims_before: dict | None = None) -> None:
     table = c.m.tasks
     queued = [job_id for queue in table.queues.values() for job_id in queue]
     assert len(queued) == len(set(queued)), "a job queued twice"
     claimed = {job_id: (worker.key, token) for worker in table.workers.values()
                for job_id, token in worker.claims.items()}
     for worker in table.workers.values():
-        assert len(worker.claims) <= max(worker.capacity, len(worker.claims)) and worker.key[0] in table.by_session
+        assert worker.key[0] in table.by_session
+        # a worker may hold more claims than its capacity (it lowered it while busy), but
+        # a claim is only ever handed to a worker with a free slot
+        before = (claims_before or {}).get(worker.key, {})
+        new = [job_id for job_id, token in worker.claims.items() if before.get(job_id) != token]
+        assert not new or len(worker.claims) <= worker.capacity, (worker.key, new, worker.capacity)
     active = 0
     for job_id, job in table.jobs.items():
         in_queue = job_id in queued
@@ -561,6 +713,8 @@ def check_invariants(c: Cluster) -> None:
         if job.key is not None:
             assert table.keys[job.key] == job_id
     assert active == table.active
+    assert table.active_bytes == sum(job.held_bytes() for job in table.jobs.values()
+                                     if job.state not in task_module.TERMINAL) <= task_module.MAX_ACTIVE_BYTES
     assert len(table.finished) <= task_module.MAX_FINISHED_JOBS
     # every queued job waits because no worker serving its name has room
     for name, queue in table.queues.items():
@@ -633,12 +787,17 @@ def random_steps(rng, count: int) -> list[tuple]:
         (1, lambda: ("slot", rng.choice(["s1", "s2"]), rng.randint(0, 2))),
     ]
     weights = [weight for weight, _ in makers]
-    return [rng.choices(makers, weights)[0][1]() for _ in range(count)]
+    steps = [rng.choices(makers, weights)[0][1]() for _ in range(count)]
+    # claims given back, drawn apart so the histories above stay what they were
+    extra = random.Random(rng.random())
+    for _ in range(count // 30):
+        steps.insert(extra.randrange(len(steps) + 1),
+                     ("give_back", extra.randint(0, 8), extra.random() < 0.8, extra.randint(0, 2)))
+    return steps
 
 
 @pytest.mark.parametrize("seed", range(12))
 def test_long_random_histories_keep_the_invariants_and_replay_identically_through_snapshots(seed):
-    import random
     c = drive(random_steps(random.Random(seed), 400))  # invariants checked after every step
     counts: dict[str, int] = {}
     for job in c.m.tasks.jobs.values():
