@@ -138,8 +138,10 @@ def test_stalled_engine_with_a_full_channel_still_reports_the_lease_lost_in_time
     node, other, _ = cluster.nodes
     node.call("lock_acquire", handle="h", name="stalled")
     # Writers fill the channel to the engine with 32 KiB values while it is stopped.
+    put_op = 10  # codec.Op.KV_PUT
+    before = node.call("status")["submitted_ops"].get(put_op, 0)
     node.call("write_flood", name="f", threads=4, size=32 * 1024, seconds=TTL + 3, timeout=2.0)
-    time.sleep(0.2)  # let the writers start: the flood itself is the condition under test
+    wait_for(lambda: node.call("status")["submitted_ops"].get(put_op, 0) >= before + 4, 5, "the writers to start")
     stopped_at = time.monotonic()
     os.kill(node.engine_pid, signal.SIGSTOP)
     try:
