@@ -522,9 +522,9 @@ def check_events(published: Iterable[Published], reads: Iterable[TopicRead],
                                             (sub.key, offset)))
             publish = by_id.get(event_id)
             if publish is None or publish.outcome == "fail":
+                why = "nobody published it" if publish is None else "its publish failed"
                 violations.append(Violation("phantom-event", f"{sub.process} consumed {event_id!r} at offset "
-                                            f"{offset}: {'nobody published it' if publish is None else 'its publish failed'}",
-                                            (sub.key, offset)))
+                                            f"{offset}: {why}", (sub.key, offset)))
     for group, subs in by_group.items():
         subs.sort(key=lambda s: s.opened)
         for i, sub in enumerate(subs):

@@ -46,6 +46,7 @@ class Outcome:
     index: int
     operations: int = 0
     counts: dict[str, int] = field(default_factory=dict)   # operations by kind: kv, events, tasks
+    checked: str = ""                                        # what the checks covered
     faults: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     directory: Path | None = None
@@ -212,6 +213,7 @@ def run_schedule(index: int, seed: int, steps: int, out: Path, compose: Path, re
                             time_limit=120)
     outcome.operations = report.operations
     outcome.counts = dict(report.counts)
+    outcome.checked = _checked(report)
     if report.kv.verdict == "unknown":
         outcome.violations.append(f"undecided: the linearizability search ran out of time on {report.kv.unknown}")
     outcome.violations += [f"not linearizable: key {key}" for key in report.kv.violations]
@@ -232,6 +234,19 @@ def run_schedule(index: int, seed: int, steps: int, out: Path, compose: Path, re
     else:
         shutil.rmtree(directory, ignore_errors=True)
     return outcome
+
+
+def _checked(report) -> str:
+    parts = [f"{report.kv.operations} kv operations on {len(report.kv.keys)} keys", f"{report.holds} holds"]
+    if report.events:
+        e = report.events
+        parts.append(f"{e['checked']} of {e['acknowledged']} acknowledged events in {e['reads']} final reads "
+                     f"({e['trimmed']} trimmed), {e['deliveries']} deliveries")
+    if report.tasks:
+        t = report.tasks
+        parts.append(f"{t['checked']} of {t['jobs']} acknowledged jobs with a final status, "
+                     f"{t['effects']} task effects")
+    return "; ".join(parts)
 
 
 def _breakdown(counts: dict[str, int]) -> str:
@@ -272,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"schedule {index}: {outcome.operations} operations ({_breakdown(outcome.counts)}), "
               f"{len(outcome.faults)} faults ({'; '.join(outcome.faults)}), {len(outcome.violations)} violations "
               f"[{time.monotonic() - started:.0f}s]", flush=True)
+        print(f"  checked: {outcome.checked}", flush=True)
         for violation in outcome.violations:
             print(f"  VIOLATION {violation}", flush=True)
         if outcome.directory:

@@ -4,9 +4,9 @@
 at most one operation per ``RAFTSYNC_DEMO_INTERVAL`` seconds (default 0.5): KV writes,
 linearizable reads and compare-and-sets on a few shared registers, a counter of its own
 that it also reads on the other members' behalf, a lock acquire/hold/release, an
-election campaign, and now and then the node's Raft status, events published to a shared topic and consumed by this
-member's consumer group, and task jobs submitted to (and run by) every member's worker.
-One line per operation:
+election campaign, now and then the node's Raft status, events published to a shared
+topic and consumed by this member's consumer group, and task jobs submitted to (and run
+by) every member's worker. One line per operation:
 
     workload node1:7000 #12 write demo/reg/1 = 'node1:7000/12' -> ok version=7
 
@@ -73,7 +73,8 @@ TOPIC_MAX_EVENTS = 50_000
 TOPIC_MAX_BYTES = 16 * 1024 * 1024
 GROUP_PREFIX = "demo/consumer/"
 JOB_HANDLER = "demo/job"
-JOB_TIMEOUT = 2.0          # each claim's visibility deadline; the handler works at most 30 ms
+JOB_TIMEOUT = 2.0          # each claim's visibility deadline
+JOB_WORK_MAX = 0.5         # the handler's work, well within JOB_TIMEOUT
 JOB_BACKOFF = 0.1
 JOB_POOL = 2
 JOBS_WAIT = 5.0            # on SIGTERM, how long to wait for outstanding jobs
@@ -125,6 +126,8 @@ class History:
     def __init__(self, path: str | None, process: str) -> None:
         self.earlier_jobs = _jobs_submitted(path, process) if path else []
         self._file = open(path, "a", encoding="utf-8") if path else None
+        if self._file is not None and self._file.tell() and not _ends_with_newline(path):
+            self._file.write("\n")  # after a line cut short by SIGKILL: keep our first record whole
         self._process = process
         self._lock = threading.Lock()
         self._ids = iter(range(1, 1 << 62))
@@ -149,6 +152,12 @@ class History:
         if self._file is not None:
             with self._lock:
                 self._file.close()
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
 
 
 def _jobs_submitted(path: str, process: str) -> list[int]:
@@ -562,7 +571,7 @@ class Workload:
         self.history.record(self.history.next_id(), "event", f="task-effect", job=job.id, attempt=job.attempt,
                             token=job.token, sid=sid)
         self.say(f"task job={job.id} attempt={job.attempt} token={job.token} runs {sid}")
-        time.sleep(min(0.03, float(payload.get("work", 0))))   # the job's work
+        time.sleep(min(JOB_WORK_MAX, float(payload.get("work", 0))))   # the job's work
         if job.attempt <= int(payload.get("fail", 0)):
             raise RuntimeError(f"fails on attempt {job.attempt}")
         return {"sid": sid, "token": job.token, "attempt": job.attempt, "by": self.name}
@@ -582,8 +591,9 @@ class Workload:
         keyed = self.random.random() < 0.3
         sid = f"{self.name}/{os.getpid()}/{'k' if keyed else ''}{op}"
         # most succeed at once; some on a retry; some fail every attempt (dead-lettered)
-        payload = {"sid": sid, "fail": self.random.choice((0, 0, 0, 0, 1, 9)),
-                   "work": round(self.random.uniform(0, 0.03), 3)}
+        # most are quick; some work long enough that a pause or kill catches them running
+        work = self.random.uniform(0, 0.03) if self.random.random() < 0.8 else self.random.uniform(0.2, 0.5)
+        payload = {"sid": sid, "fail": self.random.choice((0, 0, 0, 0, 1, 9)), "work": round(work, 3)}
         self._submit(sid, sid if keyed else None, payload, self.random.randint(0, 2), op=op)
 
     def _submit(self, sid: str, key: str | None, payload: dict[str, Any], retries: int, resubmit: bool = False,
@@ -613,10 +623,11 @@ class Workload:
             self.resubmits[key] = (payload, retries)  # it must come back as the same job
 
     def poll_job(self) -> None:
-        """Look at the oldest job not seen finished yet."""
+        """Look at the job not seen finished yet that was looked at least recently."""
         if self.tasks is None or not self.outstanding:
             return
         job_id = next(iter(self.outstanding))
+        self.outstanding[job_id] = self.outstanding.pop(job_id)  # to the back of the line
         try:
             status = self.tasks.job(job_id).status(timeout=1.0)
         except RaftsyncError as exc:

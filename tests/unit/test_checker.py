@@ -630,7 +630,8 @@ def _events_and_tasks_records():
         _rec(0.4, "n1", 2, "invoke", f="publish", topic="T", ids=["n1/7/2.0"]),   # killed: unknown
         _rec(0.5, "n3", 1, "invoke", f="subscribe", topic="T", group="g3", sub=1),
         _rec(0.6, "n3", 1, "ok", result={"position": 0}),
-        _rec(0.7, "n3", 2, "event", f="consume", topic="T", group="g3", sub=1, events=[[0, "n1/7/1.0"], [1, "n2/7/1.0"]]),
+        _rec(0.7, "n3", 2, "event", f="consume", topic="T", group="g3", sub=1,
+             events=[[0, "n1/7/1.0"], [1, "n2/7/1.0"]]),
         _rec(0.8, "n3", 3, "event", f="consume", topic="T", group="g3", sub=1, events=[[2, "n2/7/1.1"]]),
         _rec(1.0, "n1", 3, "invoke", f="submit", handler="h", sid="n1/7/3", key=None, retries=0, fail=0),
         _rec(1.1, "n1", 3, "ok", result={"job": 40, "created": True}),
