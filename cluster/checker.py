@@ -32,6 +32,17 @@ Leaders (``check_leaders_per_term``): at most one leader per term. Writes
 (``check_write_counts``): since versions count applied writes, a final version below
 the number of acknowledged writes means an acknowledged write was lost, and one above
 acknowledged plus unknown writes means a write applied twice or out of nowhere.
+
+Events (``check_events``): every acknowledged publish is present exactly once at the
+offset it returned in every final read of the topic taken after it (unless retention
+trimmed that offset), an unknown one at most once, a failed one never; final reads are
+dense and agree where they overlap; a subscription delivers consecutive offsets, the
+same events as the final reads, and a consumer group never skips an event.
+
+Tasks (``check_tasks``): a submit (all submits of one idempotency key) makes at most one
+job; no task effect (a handler running a claim) twice under one fencing token; every
+acknowledged job completed or dead-lettered at its final status, a completed one with
+its last claim's result and effect, a dead-lettered one after all its attempts.
 """
 
 from __future__ import annotations
@@ -300,7 +311,11 @@ class Hold:
 
 @dataclass(frozen=True)
 class Violation:
-    kind: str            # "overlap" | "token-order" | "two-leaders" | "lost-write" | "phantom-write"
+    kind: str            # "overlap" | "token-order" | "two-leaders" | "lost-write" | "phantom-write" |
+    #                      events: "lost-event" | "duplicate-event" | "phantom-event" | "event-order" |
+    #                      "event-gap" | "skipped-events" | tasks: "duplicate-job" | "phantom-job" |
+    #                      "task-effect-twice" | "attempt-order" | "lost-job" | "unfinished-job" |
+    #                      "done-without-effect" | "dead-early" | "effect-after-finish"
     message: str
     evidence: tuple[Any, ...] = ()
 
@@ -367,3 +382,319 @@ def check_write_counts(ops: Iterable[Op], final: Mapping[str, int] | Iterable[Op
             violations.append(Violation("phantom-write", f"{key}: version {version} read, but only {possible} "
                                         "writes had begun when the read ended", (key, version)))
     return violations
+
+
+# -- events ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    """One event a workload published (``id``: its unique payload id). ``offset`` is the one
+    the publish returned when ``outcome`` is ok; ``complete`` when it was acknowledged."""
+
+    id: str
+    process: str
+    invoke: float
+    complete: float | None
+    outcome: str                 # "ok" | "fail" | "unknown"
+    offset: int | None = None
+
+
+@dataclass(frozen=True)
+class TopicRead:
+    """A final read of the whole topic: ``events`` [(offset, id)] from ``first`` on, and
+    ``next`` the topic's end by the info taken first (``missing``: no such topic)."""
+
+    process: str
+    invoke: float
+    first: int
+    next: int
+    events: tuple[tuple[int, Any], ...]
+    missing: bool = False
+
+    def at(self, offset: int) -> Any:
+        return self.events[offset - self.first][1] if self.first <= offset < self.first + len(self.events) else None
+
+
+@dataclass(frozen=True)
+class Consumed:
+    """One subscription of a consumer group: where it ``start``-ed (None: unknown), when it
+    was ``opened``, and what it delivered, in delivery order: (time, offset, id)."""
+
+    process: str
+    group: str
+    key: Any
+    opened: float
+    start: int | None
+    deliveries: tuple[tuple[float, int, Any], ...] = ()
+
+
+def check_events(published: Iterable[Published], reads: Iterable[TopicRead],
+                 consumed: Iterable[Consumed] = ()) -> tuple[list[Violation], dict[str, int]]:
+    """One topic's history: every acknowledged publish is in every final read taken after
+    it, exactly once, at the offset it returned (unless that offset was trimmed: below the
+    read's first); an unknown publish at most once; a failed one never; nothing that no one
+    published; every final read dense (its events fill [first, next)) and all of them equal
+    where they overlap; every subscription delivers consecutive offsets from where it
+    started, the same events as the final reads; a consumer group's subscription starts no
+    later than just after what the group delivered before (nothing skipped), its first at
+    the oldest retained event. Returns (violations, counts)."""
+    published = list(published)
+    reads = [r for r in reads]
+    consumed = list(consumed)
+    violations: list[Violation] = []
+    stats = {"publishes": len(published), "acknowledged": 0, "checked": 0, "trimmed": 0, "reads": len(reads),
+             "deliveries": sum(len(c.deliveries) for c in consumed)}
+    by_id = {p.id: p for p in published}
+    topic: dict[int, tuple[Any, TopicRead]] = {}
+    places: dict[Any, set[int]] = defaultdict(set)
+
+    def where(read: TopicRead) -> str:
+        return f"the final read of {read.process} at {read.invoke:.3f}"
+
+    for read in reads:
+        if read.missing:
+            continue
+        offsets = [offset for offset, _ in read.events]
+        if offsets != list(range(read.first, read.first + len(offsets))) or read.first + len(offsets) != read.next:
+            violations.append(Violation("event-gap", f"{where(read)}: offsets {_ranges(offsets)} do not fill "
+                                        f"[{read.first}, {read.next})", (read.process, read.invoke)))
+        counted: dict[Any, int] = defaultdict(int)
+        for offset, event_id in read.events:
+            counted[event_id] += 1
+            places[event_id].add(offset)
+            if offset in topic and topic[offset][0] != event_id:
+                other = topic[offset][1]
+                violations.append(Violation("event-order", f"offset {offset}: {where(read)} has {event_id!r}, "
+                                            f"{where(other)} has {topic[offset][0]!r}", (offset,)))
+            topic.setdefault(offset, (event_id, read))
+        for event_id, count in counted.items():
+            if count > 1 and event_id is not None:
+                violations.append(Violation("duplicate-event", f"{where(read)}: {event_id!r} is there {count} times "
+                                            f"(offsets {sorted(places[event_id])})", (event_id,)))
+    for event_id, offsets in places.items():
+        publish = by_id.get(event_id)
+        if publish is None:
+            violations.append(Violation("phantom-event", f"{event_id!r} at offsets {sorted(offsets)}: nobody "
+                                        "published it", (event_id,)))
+        elif publish.outcome == "fail":
+            violations.append(Violation("phantom-event", f"{event_id!r} at offsets {sorted(offsets)}: its publish "
+                                        "failed", (event_id,)))
+        elif len(offsets) > 1:
+            violations.append(Violation("duplicate-event", f"{event_id!r} at offsets {sorted(offsets)}",
+                                        (event_id,)))
+    for publish in published:
+        if publish.outcome != "ok":
+            continue
+        stats["acknowledged"] += 1
+        later = [r for r in reads if r.invoke > publish.complete]
+        if not later:
+            continue
+        trimmed = True
+        for read in later:
+            if not read.missing and publish.offset < read.first:
+                continue
+            trimmed = False
+            found = None if read.missing else read.at(publish.offset)
+            if found != publish.id:
+                seen = f"offset {publish.offset} holds {found!r}" if found is not None else \
+                    ("the topic is gone" if read.missing else f"it ends at {read.first + len(read.events)}")
+                violations.append(Violation("lost-event", f"{publish.id!r} acknowledged at offset {publish.offset} "
+                                            f"({publish.process} at {publish.complete:.3f}), but in {where(read)} "
+                                            f"{seen}", (publish.id,)))
+                break
+        stats["trimmed" if trimmed else "checked"] += 1
+    # consumers
+    oldest = min((r.first for r in reads if not r.missing), default=None)
+    by_group: dict[str, list[Consumed]] = defaultdict(list)
+    for sub in consumed:
+        by_group[sub.group].append(sub)
+        expected = sub.start
+        for t, offset, event_id in sub.deliveries:
+            if expected is not None and offset != expected:
+                violations.append(Violation("event-order", f"{sub.process} group {sub.group!r} subscription "
+                                            f"{sub.key}: offset {offset} delivered at {t:.3f} where {expected} was "
+                                            "next", (sub.key, offset)))
+            expected = offset + 1
+            if offset in topic and topic[offset][0] != event_id:
+                violations.append(Violation("event-order", f"{sub.process} consumed {event_id!r} at offset {offset}"
+                                            f", {where(topic[offset][1])} has {topic[offset][0]!r} there",
+                                            (sub.key, offset)))
+            publish = by_id.get(event_id)
+            if publish is None or publish.outcome == "fail":
+                why = "nobody published it" if publish is None else "its publish failed"
+                violations.append(Violation("phantom-event", f"{sub.process} consumed {event_id!r} at offset "
+                                            f"{offset}: {why}", (sub.key, offset)))
+    for group, subs in by_group.items():
+        subs.sort(key=lambda s: s.opened)
+        for i, sub in enumerate(subs):
+            if sub.start is None:
+                continue
+            before = [offset for earlier in subs[:i] for t, offset, _ in earlier.deliveries if t < sub.opened]
+            if before and sub.start > max(before) + 1:
+                violations.append(Violation("skipped-events", f"group {group!r}: {sub.process} subscription "
+                                            f"{sub.key} starts at {sub.start}, but the group had delivered only up "
+                                            f"to {max(before)}", (group, sub.key)))
+            elif not before and oldest is not None and sub.start > oldest:
+                violations.append(Violation("skipped-events", f"group {group!r}: its first subscription ({sub.process}"
+                                            f" {sub.key}) starts at {sub.start}, the oldest retained event is "
+                                            f"{oldest}", (group, sub.key)))
+    return violations, stats
+
+
+def _ranges(offsets: list[int]) -> str:
+    """[0, 1, 2, 5, 6] -> '0..2, 5..6' (at most 5 ranges shown)."""
+    parts: list[str] = []
+    start = previous = None
+    for offset in offsets + [None]:
+        if start is not None and offset == previous + 1:
+            previous = offset
+            continue
+        if start is not None:
+            parts.append(f"{start}..{previous}" if previous != start else f"{start}")
+        start = previous = offset
+    return ", ".join(parts[:5]) + (", ..." if len(parts) > 5 else "") if parts else "none"
+
+
+# -- tasks -----------------------------------------------------------------------------------------
+
+FINISHED_JOB_STATES = ("done", "dead")
+
+
+@dataclass(frozen=True)
+class Submit:
+    """One submit: ``sid`` identifies what was submitted (a keyed submit's sid is its key,
+    the same for every resubmit); ``job`` and ``created`` when ``outcome`` is ok."""
+
+    process: str
+    sid: str
+    key: str | None
+    invoke: float
+    complete: float | None
+    outcome: str
+    job: int | None = None
+    created: bool | None = None
+
+
+@dataclass(frozen=True)
+class Effect:
+    """A handler ran a claim: the task effect, recorded before anything else it does."""
+
+    process: str
+    job: int
+    attempt: int
+    token: int
+    sid: str | None
+    t: float
+
+
+@dataclass(frozen=True)
+class JobFinal:
+    """A job's status read at the end (state "missing": the cluster did not know it)."""
+
+    process: str
+    job: int
+    t: float
+    state: str
+    attempt: int = 0
+    max_attempts: int = 0
+    token: int = 0
+    result: Mapping[str, Any] | None = None
+
+
+def check_tasks(submits: Iterable[Submit], effects: Iterable[Effect],
+                finals: Iterable[JobFinal]) -> tuple[list[Violation], dict[str, int]]:
+    """Jobs: one submit (or every submit of one idempotency key) makes at most one job, and
+    a resubmit with the key returns that job; only a submit that may have applied ever
+    runs; no task effect applied twice under one fencing token, attempts increasing with
+    the token; every acknowledged job, at its final status, completed or dead-lettered
+    (the workload waits for outstanding jobs before reading it), known to the cluster, a
+    completed one with the result of its last claim and that claim's effect, a
+    dead-lettered one after all its attempts, and none run again after it finished.
+    Returns (violations, counts)."""
+    submits = list(submits)
+    effects = list(effects)
+    violations: list[Violation] = []
+    by_sid: dict[str, list[Submit]] = defaultdict(list)
+    for submit in submits:
+        by_sid[submit.sid].append(submit)
+    effects_by_sid: dict[Any, list[Effect]] = defaultdict(list)
+    for effect in effects:
+        effects_by_sid[effect.sid].append(effect)
+    for sid, ops in sorted(by_sid.items()):
+        acknowledged = [op for op in ops if op.outcome == "ok"]
+        jobs = {op.job for op in acknowledged} | {e.job for e in effects_by_sid.get(sid, ())}
+        if len(jobs) > 1:
+            violations.append(Violation("duplicate-job", f"submit {sid!r} made jobs {sorted(jobs)}", (sid,)))
+        created = [op for op in acknowledged if op.created]
+        if len(created) > 1:
+            violations.append(Violation("duplicate-job", f"{sid!r}: {len(created)} submits report they created "
+                                        f"job(s) {sorted({op.job for op in created})}", (sid,)))
+        for op in acknowledged:
+            if not op.created and not any(other is not op and other.invoke < op.complete for other in ops):
+                violations.append(Violation("phantom-job", f"{sid!r}: {op.process} found job {op.job} already "
+                                            "there, but no earlier submit of that key", (sid, op.job)))
+    for sid, runs in effects_by_sid.items():
+        ops = by_sid.get(sid, [])
+        if not ops or all(op.outcome == "fail" for op in ops):
+            violations.append(Violation("phantom-job", f"job {runs[0].job} ran ({sid!r}) but "
+                                        f"{'nobody submitted it' if not ops else 'its submit failed'}", (sid,)))
+    by_claim: dict[tuple[int, int], list[Effect]] = defaultdict(list)
+    by_job: dict[int, list[Effect]] = defaultdict(list)
+    for effect in effects:
+        by_claim[(effect.job, effect.token)].append(effect)
+        by_job[effect.job].append(effect)
+    for (job, token), runs in sorted(by_claim.items()):
+        if len(runs) > 1:
+            violations.append(Violation("task-effect-twice", f"job {job} ran {len(runs)} times under token {token}: "
+                                        + ", ".join(f"{e.process} attempt {e.attempt} at {e.t:.3f}" for e in runs),
+                                        (job, token)))
+    for job, runs in sorted(by_job.items()):
+        claims = sorted({(e.token, e.attempt) for e in runs})
+        for (token_a, attempt_a), (token_b, attempt_b) in zip(claims, claims[1:]):
+            if attempt_b <= attempt_a:
+                violations.append(Violation("attempt-order", f"job {job}: attempt {attempt_b} (token {token_b}) "
+                                            f"after attempt {attempt_a} (token {token_a})", (job,)))
+    latest: dict[int, JobFinal] = {}
+    for final in finals:
+        if final.job not in latest or final.t > latest[final.job].t:
+            latest[final.job] = final
+    jobs = sorted({op.job for op in submits if op.outcome == "ok"})
+    stats = {"submits": len(submits), "jobs": len(jobs), "checked": 0, "unchecked": 0, "effects": len(effects)}
+    for job in jobs:
+        final = latest.get(job)
+        if final is None:
+            stats["unchecked"] += 1
+            continue
+        stats["checked"] += 1
+        runs = by_job.get(job, [])
+        if final.state == "missing":
+            violations.append(Violation("lost-job", f"job {job} was acknowledged, but the cluster does not know it "
+                                        f"({final.process} at {final.t:.3f})", (job,)))
+            continue
+        if final.state not in FINISHED_JOB_STATES:
+            violations.append(Violation("unfinished-job", f"job {job} is {final.state} (attempt {final.attempt}/"
+                                        f"{final.max_attempts}) at its final status ({final.process} at "
+                                        f"{final.t:.3f})", (job,)))
+            continue
+        if final.token == 0:
+            pass  # evicted from the cluster's window of finished jobs: only its state is kept
+        elif final.state == "done":
+            if not any(e.token == final.token for e in runs):
+                violations.append(Violation("done-without-effect", f"job {job} done under token {final.token}, but "
+                                            f"no handler ran that claim (tokens run: {sorted(e.token for e in runs)})",
+                                            (job,)))
+            elif (final.result or {}).get("token") != final.token:
+                violations.append(Violation("done-without-effect", f"job {job} done under token {final.token} with "
+                                            f"the result of token {(final.result or {}).get('token')}", (job,)))
+        elif final.attempt < final.max_attempts:
+            violations.append(Violation("dead-early", f"job {job} dead-lettered after {final.attempt} of "
+                                        f"{final.max_attempts} attempts", (job,)))
+        late = [e for e in runs if final.token and e.token > final.token]
+        if late:
+            violations.append(Violation("effect-after-finish", f"job {job} finished under token {final.token}, then "
+                                        f"ran under {sorted(e.token for e in late)}", (job,)))
+        if final.token and len({e.token for e in runs}) > final.attempt:
+            violations.append(Violation("attempt-order", f"job {job}: {len({e.token for e in runs})} claims ran, but "
+                                        f"the cluster counts {final.attempt} attempts", (job,)))
+    return violations, stats

@@ -509,7 +509,7 @@ class NamespaceCluster:
         except ProcessLookupError:
             pass
 
-    def stop_services(self, names: list[str] | None = None, timeout: float = 20.0) -> dict[str, int | None]:
+    def stop_services(self, names: list[str] | None = None, timeout: float = 30.0) -> dict[str, int | None]:
         """SIGTERM several services at once (so none waits on a quorum already gone), then
         wait; SIGKILL what is still running after ``timeout``. Returns the exit codes."""
         names = [n for n in (names or list(self.services)) if self.services[n].running]

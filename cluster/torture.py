@@ -9,8 +9,10 @@ leader, a majority/minority split, a bridge member seeing both halves, one-way c
 flapping partitions, pausing a member's process group (past the election timeout or
 past the session TTL), SIGKILL and restart from its volume, and wall-clock skews (with
 libfaketime). Then every fault stops and the schedule checks liveness (every member
-writes, reads its peers and takes the lock again within ``--recovery`` seconds) and
-safety over every member's history (cluster/checker.py).
+writes, reads its peers, takes the lock, publishes and consumes events, runs a job and
+sees one of its jobs finish within ``--recovery`` seconds) and safety over every
+member's history (cluster/checker.py: KV linearizability and lost writes, lock and
+leader holds, events and task jobs).
 
 Printed per schedule and in total: operations checked, faults injected, violations.
 A violating schedule keeps its logs and histories under ``--out`` and writes
@@ -33,7 +35,7 @@ from .checker import shrink
 from .history import check_workload
 from .nemesis import Nemesis, missing_nftables
 from .netns import REPO_ROOT, NamespaceCluster, RunnerError, find_faketime, missing_privileges
-from .workload_log import all_live, leads_since, log_marks, member_live, peer_counters_seen
+from .workload_log import all_live, leads_since, log_marks, member_live, missing_liveness, peer_counters_seen
 
 SESSION_TTL = 3.0
 ELECTION_TIMEOUT_MAX = 0.8
@@ -43,6 +45,8 @@ ELECTION_TIMEOUT_MAX = 0.8
 class Outcome:
     index: int
     operations: int = 0
+    counts: dict[str, int] = field(default_factory=dict)   # operations by kind: kv, events, tasks
+    checked: str = ""                                        # what the checks covered
     faults: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     directory: Path | None = None
@@ -191,9 +195,11 @@ def run_schedule(index: int, seed: int, steps: int, out: Path, compose: Path, re
             except RunnerError as exc:
                 outcome.violations.append(f"liveness: after the faults stopped, {exc}")
             if not _wait(lambda: all_live(cluster, marks), recovery):
-                stuck = [n for n, s in cluster.services.items() if not member_live(s.log_text()[marks[n]:])]
+                stuck = {n: missing_liveness(s.log_text()[marks[n]:]) for n, s in cluster.services.items()
+                         if not member_live(s.log_text()[marks[n]:])}
                 outcome.violations.append(f"liveness: {recovery:.0f}s after the faults stopped, not every member "
-                                          f"writes, reads its peers and takes the lock ({stuck or 'see logs'})")
+                                          "writes, reads its peers, takes the lock, publishes and consumes events "
+                                          f"and runs jobs (still missing: {stuck or 'see logs'})")
             elif not _wait(lambda: leads_since(cluster, list(cluster.services), marks), 30):
                 outcome.violations.append("liveness: no member reports that it leads after the faults")
         codes = cluster.stop_services()
@@ -205,7 +211,9 @@ def run_schedule(index: int, seed: int, steps: int, out: Path, compose: Path, re
     outcome.faults = schedule.described
     report = check_workload(sorted((directory / "history").glob("*.jsonl")), deaths=nemesis.deaths,
                             time_limit=120)
-    outcome.operations = report.kv.operations
+    outcome.operations = report.operations
+    outcome.counts = dict(report.counts)
+    outcome.checked = _checked(report)
     if report.kv.verdict == "unknown":
         outcome.violations.append(f"undecided: the linearizability search ran out of time on {report.kv.unknown}")
     outcome.violations += [f"not linearizable: key {key}" for key in report.kv.violations]
@@ -226,6 +234,23 @@ def run_schedule(index: int, seed: int, steps: int, out: Path, compose: Path, re
     else:
         shutil.rmtree(directory, ignore_errors=True)
     return outcome
+
+
+def _checked(report) -> str:
+    parts = [f"{report.kv.operations} kv operations on {len(report.kv.keys)} keys", f"{report.holds} holds"]
+    if report.events:
+        e = report.events
+        parts.append(f"{e['checked']} of {e['acknowledged']} acknowledged events in {e['reads']} final reads "
+                     f"({e['trimmed']} trimmed), {e['deliveries']} deliveries")
+    if report.tasks:
+        t = report.tasks
+        parts.append(f"{t['checked']} of {t['jobs']} acknowledged jobs with a final status, "
+                     f"{t['effects']} task effects")
+    return "; ".join(parts)
+
+
+def _breakdown(counts: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {count}" for kind, count in counts.items()) or "none"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,21 +275,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torture: {args.schedules} schedules, seed {seed}, {args.steps} faults each; "
           f"wall-clock skew {'on' if find_faketime() else 'off (no libfaketime)'}", flush=True)
     totals = {"operations": 0, "faults": 0, "violations": 0}
+    kinds: dict[str, int] = {}
     for index in range(args.first, args.first + args.schedules):
         started = time.monotonic()
         outcome = run_schedule(index, seed, args.steps, out, Path(args.file), args.recovery, args.interval)
         totals["operations"] += outcome.operations
         totals["faults"] += len(outcome.faults)
         totals["violations"] += len(outcome.violations)
-        print(f"schedule {index}: {outcome.operations} operations, {len(outcome.faults)} faults "
-              f"({'; '.join(outcome.faults)}), {len(outcome.violations)} violations "
+        for kind, count in outcome.counts.items():
+            kinds[kind] = kinds.get(kind, 0) + count
+        print(f"schedule {index}: {outcome.operations} operations ({_breakdown(outcome.counts)}), "
+              f"{len(outcome.faults)} faults ({'; '.join(outcome.faults)}), {len(outcome.violations)} violations "
               f"[{time.monotonic() - started:.0f}s]", flush=True)
+        print(f"  checked: {outcome.checked}", flush=True)
         for violation in outcome.violations:
             print(f"  VIOLATION {violation}", flush=True)
         if outcome.directory:
             print(f"  kept in {outcome.directory}", flush=True)
-    print(f"total: {args.schedules} schedules, {totals['operations']} operations, {totals['faults']} faults, "
-          f"{totals['violations']} violations (seed {seed})", flush=True)
+    print(f"total: {args.schedules} schedules, {totals['operations']} operations ({_breakdown(kinds)}), "
+          f"{totals['faults']} faults, {totals['violations']} violations (seed {seed})", flush=True)
     return 1 if totals["violations"] else 0
 
 

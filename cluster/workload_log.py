@@ -13,6 +13,10 @@ COUNTER_READ = re.compile(r"^workload (\S+?):\d+ #\d+ read demo/count/(\S+?):\d+
 STATUS = re.compile(r"^workload (\S+?):\d+ #\d+ status role=(\w+) leader=(\S+) term=(\d+)", re.M)
 WRITE_OK = re.compile(r"^workload \S+ #\d+ (?:write|cas) .*-> ok version=", re.M)
 LOCK_HELD = re.compile(r"^workload \S+ #\d+ lock \S+ -> held token=", re.M)
+PUBLISHED = re.compile(r"^workload \S+ #\d+ publish \S+ .* -> ok offsets=", re.M)
+CONSUMED = re.compile(r"^workload \S+ #\d+ consume \S+ -> \d+ events at offsets", re.M)
+JOB_RAN = re.compile(r"^workload \S+ #\d+ task job=\d+ ", re.M)
+JOB_FINISHED = re.compile(r"^workload \S+ #\d+ job \d+ -> (?:done|dead) ", re.M)
 
 
 def peer_counters_seen(log_text: str) -> dict[str, int]:
@@ -36,8 +40,19 @@ def log_marks(cluster: Any) -> dict[str, int]:
 
 
 def member_live(log_text: str) -> bool:
-    """It committed a write, read another member's counter and acquired the lock."""
-    return bool(WRITE_OK.search(log_text)) and bool(peer_counters_seen(log_text)) and bool(LOCK_HELD.search(log_text))
+    """It committed a write, read another member's counter, acquired the lock, published
+    and consumed events, ran a job on its worker and saw a job it submitted finish."""
+    return (bool(WRITE_OK.search(log_text)) and bool(peer_counters_seen(log_text))
+            and all(pattern.search(log_text) for pattern in (LOCK_HELD, PUBLISHED, CONSUMED, JOB_RAN, JOB_FINISHED)))
+
+
+def missing_liveness(log_text: str) -> list[str]:
+    """What ``member_live`` still waits for in this log text (for a failure message)."""
+    checks = {"write": WRITE_OK.search(log_text), "peer read": peer_counters_seen(log_text),
+              "lock": LOCK_HELD.search(log_text), "publish": PUBLISHED.search(log_text),
+              "consume": CONSUMED.search(log_text), "job run": JOB_RAN.search(log_text),
+              "job finished": JOB_FINISHED.search(log_text)}
+    return [name for name, found in checks.items() if not found]
 
 
 def all_live(cluster: Any, marks: dict[str, int]) -> bool:

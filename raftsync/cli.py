@@ -51,7 +51,8 @@ def node_run(config_file: str | None) -> None:
         demo = _start_demo_workload(member, stop)
         stop.wait()
         if demo is not None:
-            demo.join(10)
+            from .workload import SHUTDOWN_BUDGET
+            demo.join(SHUTDOWN_BUDGET + 5)  # its final reads and job statuses, bounded by the budget
 
 
 def _start_demo_workload(member, stop: threading.Event):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cluster.netns import NETNS_DIR, NamespaceCluster, list_namespaces, missing_privileges
-from cluster.workload_log import all_live, leads_since
+from cluster.workload_log import all_live, leads_since, missing_liveness
 
 from .util import wait_for
 
@@ -61,9 +61,15 @@ def pid_alive(pid):
 
 def wait_all_live(cluster, marks, timeout=60):
     """Liveness after the faults stop: every member, since ``marks``, committed a write,
-    read another member's counter (linearizable reads answer) and acquired the lock."""
-    wait_for(lambda: all_live(cluster, marks), timeout,
-             "every member writing, reading its peers and taking the lock after the faults")
+    read another member's counter (linearizable reads answer), acquired the lock,
+    published and consumed events, ran a job and saw one of its jobs finish."""
+    try:
+        wait_for(lambda: all_live(cluster, marks), timeout,
+                 "every member writing, reading its peers, taking the lock, publishing and consuming events and "
+                 "running jobs after the faults")
+    except AssertionError as exc:
+        missing = {name: missing_liveness(s.log_text()[marks[name]:]) for name, s in cluster.services.items()}
+        raise AssertionError(f"{exc}; still missing: {missing}") from None
 
 
 def wait_new_leader(cluster, members, old, marks, timeout=30):

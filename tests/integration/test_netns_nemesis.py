@@ -5,9 +5,14 @@ or SIGSTOP of a member's whole process group, wall-clock skew), then stops the f
 checks:
 
 - liveness: every member commits writes, reads its peers and acquires the lock again;
+- liveness also for events and tasks: every member publishes and consumes events, runs
+  a job on its worker and sees a job it submitted finish;
 - safety, over the workload histories of every member: the KV registers are
   linearizable, no acknowledged write is lost, lock and election holds never overlap and
-  their tokens increase, at most one Raft leader per term.
+  their tokens increase, at most one Raft leader per term; every acknowledged event is
+  in the topic exactly once at its offset and consumers see offsets in order; every
+  acknowledged job completed or dead-lettered, none run twice under one fencing token,
+  an idempotent resubmit returned the same job.
 
 Four schedules (leader isolated, leader paused past the session TTL, lock holder paused
 past the session TTL, clock skew) run in the default test command; the rest are slow.
@@ -228,3 +233,7 @@ def test_fault_schedule_keeps_safety_and_recovers(group, schedule):
     report = check_workload(history_paths(cluster), deaths=nemesis.deaths, time_limit=60)
     assert report.ok, report.explain() + "\nfaults: " + repr(nemesis.log)
     assert report.kv.operations >= 30
+    # the events and tasks checks had something to check: acknowledged publishes against
+    # the final reads, and acknowledged jobs against their final status
+    assert report.events["checked"] > 0 and report.events["deliveries"] > 0, report.explain()
+    assert report.tasks["checked"] > 0 and report.tasks["effects"] > 0, report.explain()

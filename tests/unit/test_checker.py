@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.checker import (Hold, Op, check_holds, check_kv, check_leaders_per_term, check_write_counts,
+from cluster.checker import (Consumed, Effect, Hold, JobFinal, Op, Published, Submit, TopicRead, check_events,
+                             check_holds, check_kv, check_leaders_per_term, check_tasks, check_write_counts,
                              linearizable, shrink)
-from cluster.history import check_workload, holds, kv_ops, read_records
+from cluster.history import check_workload, consumed_events, holds, kv_ops, published_events, read_records
 
 _ids = iter(range(1, 1 << 30))
 
@@ -390,3 +391,285 @@ def test_a_holder_killed_while_holding_held_until_it_died(tmp_path):
 def test_a_long_correct_history_checks_quickly(count):
     history = _correct_history(12345, count=count, processes=5)
     assert check_kv(history, time_limit=30).verdict == "ok"
+
+
+# -- events ------------------------------------------------------------------------------------------
+
+
+def pub(event_id, offset, start=0.0, end=1.0, outcome="ok", process="p1"):
+    return Published(event_id, process, start, end if outcome == "ok" else None, outcome,
+                     offset if outcome == "ok" else None)
+
+
+def topic(*ids, first=0, at=10.0, process="r1", next=None, offsets=None):
+    offsets = offsets if offsets is not None else range(first, first + len(ids))
+    events = tuple(zip(offsets, ids))
+    return TopicRead(process, at, first, first + len(ids) if next is None else next, events)
+
+
+def sub(start, *deliveries, group="g", key="s1", opened=0.5, process="c1"):
+    """deliveries: (time, offset, id)"""
+    return Consumed(process, group, key, opened, start, tuple(deliveries))
+
+
+def event_kinds(published, reads, consumed=()):
+    return sorted({v.kind for v in check_events(published, reads, consumed)[0]})
+
+
+def test_events_every_acknowledged_publish_once_at_its_offset_passes():
+    published = [pub("a", 0), pub("b", 1, 1, 2), pub("u1", None, 2, outcome="unknown"),
+                 pub("u2", None, 2, outcome="unknown"), pub("f", None, 2, 3, outcome="fail")]
+    # u1 applied (at offset 2), u2 never did; two members' final reads agree
+    reads = [topic("a", "b", "u1"), topic("a", "b", "u1", process="r2", at=11)]
+    consumed = [sub(0, (3, 0, "a"), (3, 1, "b")), sub(2, (5, 2, "u1"), key="s2", opened=4)]
+    violations, stats = check_events(published, reads, consumed)
+    assert violations == []
+    assert stats["acknowledged"] == 2 and stats["checked"] == 2 and stats["deliveries"] == 3
+
+
+def test_events_a_read_taken_before_the_acknowledgement_may_miss_the_event():
+    published = [pub("a", 0), pub("b", 1, 1, 12)]
+    assert event_kinds(published, [topic("a", at=10), topic("a", "b", at=13, process="r2")]) == []
+
+
+def test_events_trimmed_prefix_is_not_a_loss():
+    published = [pub("a", 0), pub("b", 1), pub("c", 2)]
+    violations, stats = check_events(published, [topic("c", first=2)])
+    assert violations == [] and stats["trimmed"] == 2 and stats["checked"] == 1
+
+
+def test_events_lost_acknowledged_publish_is_caught():
+    published = [pub("a", 0), pub("b", 1)]
+    assert event_kinds(published, [topic("a")]) == ["lost-event"]
+    # the topic gone altogether
+    assert event_kinds(published, [TopicRead("r1", 10, 0, 0, (), missing=True)]) == ["lost-event"]
+
+
+def test_events_acknowledged_publish_at_another_offset_is_caught():
+    published = [pub("a", 0), pub("b", 1), pub("u", None, outcome="unknown")]
+    assert event_kinds(published, [topic("a", "u", "b")]) == ["lost-event"]
+
+
+def test_events_an_event_twice_is_caught():
+    published = [pub("a", 0), pub("u", None, outcome="unknown")]
+    assert event_kinds(published, [topic("a", "u", "u")]) == ["duplicate-event"]
+    # twice across members' reads: at one offset for one, another for the other
+    assert "duplicate-event" in event_kinds(published, [topic("a", "u"), topic("a", "x", "u", process="r2")])
+
+
+def test_events_failed_or_unpublished_events_in_the_topic_are_caught():
+    published = [pub("a", 0), pub("f", None, outcome="fail")]
+    assert event_kinds(published, [topic("a", "f")]) == ["phantom-event"]
+    assert event_kinds(published, [topic("a", "zzz")]) == ["phantom-event"]
+
+
+def test_events_members_disagreeing_on_an_offset_is_caught():
+    published = [pub("a", 0), pub("u", None, outcome="unknown"), pub("v", None, outcome="unknown")]
+    assert event_kinds(published, [topic("a", "u"), topic("a", "v", process="r2")]) == ["event-order"]
+
+
+def test_events_a_final_read_with_a_hole_is_caught():
+    published = [pub("a", 0), pub("b", 2)]
+    assert "event-gap" in event_kinds(published, [topic("a", "b", offsets=[0, 2], next=3)])
+    # short of the end the info reported
+    assert event_kinds([pub("a", 0)], [topic("a", next=2)]) == ["event-gap"]
+
+
+def test_events_consumer_out_of_order_or_skipping_within_a_subscription_is_caught():
+    published = [pub(x, i) for i, x in enumerate("abc")]
+    reads = [topic("a", "b", "c")]
+    assert event_kinds(published, reads, [sub(0, (2, 0, "a"), (2, 1, "b"), (3, 2, "c"))]) == []
+    assert event_kinds(published, reads, [sub(0, (2, 0, "a"), (2, 2, "c"), (3, 1, "b"))]) == ["event-order"]
+    assert event_kinds(published, reads, [sub(0, (2, 0, "a"), (2, 2, "c"))]) == ["event-order"]
+    assert event_kinds(published, reads, [sub(0, (2, 1, "b"))]) == ["event-order"]   # not where it started
+
+
+def test_events_consumer_seeing_another_event_at_an_offset_is_caught():
+    published = [pub("a", 0), pub("b", 1)]
+    assert event_kinds(published, [topic("a", "b")], [sub(0, (2, 0, "b"))]) == ["event-order"]
+
+
+def test_events_consumer_group_resuming_after_what_it_delivered_is_fine_and_skipping_is_caught():
+    published = [pub(x, i) for i, x in enumerate("abcd")]
+    reads = [topic("a", "b", "c", "d")]
+    first = sub(0, (2, 0, "a"), (2, 1, "b"), key="s1", opened=1)
+    # a restarted consumer resumes at the group's committed offset: at most one past what it had
+    for start in (0, 1, 2):
+        again = sub(start, *[(6, o, "abcd"[o]) for o in range(start, 4)], key="s2", opened=5)
+        assert event_kinds(published, reads, [first, again]) == []
+    skipped = sub(3, (6, 3, "d"), key="s2", opened=5)
+    assert event_kinds(published, reads, [first, skipped]) == ["skipped-events"]
+    # another group's subscriptions do not count; a group's first starts at the oldest event
+    assert event_kinds(published, reads, [first, sub(2, (6, 2, "c"), group="h", key="s3", opened=5)]) == \
+        ["skipped-events"]
+
+
+# -- tasks -------------------------------------------------------------------------------------------
+
+
+def submit(sid, job, start=0.0, end=1.0, outcome="ok", created=True, key=None, process="p1"):
+    return Submit(process, sid, key, start, end if outcome != "unknown" else None, outcome,
+                  job if outcome == "ok" else None, created if outcome == "ok" else None)
+
+
+def effect(job, attempt, token, sid, t=2.0, process="w1"):
+    return Effect(process, job, attempt, token, sid, t)
+
+
+def final(job, state, attempt=1, max_attempts=1, token=0, result_token=None, t=20.0):
+    result = {"token": token if result_token is None else result_token} if state == "done" else None
+    return JobFinal("p1", job, t, state, attempt, max_attempts, token, result)
+
+
+def task_kinds(submits, effects, finals):
+    return sorted({v.kind for v in check_tasks(submits, effects, finals)[0]})
+
+
+def _good_tasks():
+    submits = [submit("s1", 10), submit("s2", 20),
+               submit("k1", 30, key="k1"), submit("k1", 30, 5, 6, created=False, key="k1"),   # resubmit
+               submit("k2", None, outcome="unknown", key="k2"), submit("k2", 40, 7, 8, key="k2"),
+               submit("s3", None, outcome="unknown"), submit("s4", None, outcome="fail")]
+    effects = [effect(10, 1, 11, "s1"),
+               effect(20, 1, 21, "s2"), effect(20, 2, 25, "s2", process="w2"),    # failed once, retried
+               effect(30, 1, 31, "k1"), effect(40, 1, 41, "k2"),
+               effect(50, 1, 51, "s3")]                                          # an unknown submit that applied
+    finals = [final(10, "done", token=11), final(20, "done", 2, 3, token=25), final(30, "dead", 1, 1, token=31),
+              final(40, "done", token=41)]
+    return submits, effects, finals
+
+
+def test_tasks_completed_and_dead_lettered_jobs_run_once_per_token_pass():
+    submits, effects, finals = _good_tasks()
+    violations, stats = check_tasks(submits, effects, finals)
+    assert violations == []
+    assert stats["jobs"] == 4 and stats["checked"] == 4 and stats["unchecked"] == 0 and stats["effects"] == 6
+
+
+def test_tasks_a_job_without_final_status_is_unchecked_not_a_violation():
+    submits, effects, finals = _good_tasks()
+    violations, stats = check_tasks(submits, effects, finals[1:])
+    assert violations == [] and stats["unchecked"] == 1
+
+
+def test_tasks_effect_twice_under_one_token_is_caught():
+    submits, effects, finals = _good_tasks()
+    assert task_kinds(submits, effects + [effect(10, 1, 11, "s1", t=3, process="w2")], finals) == \
+        ["task-effect-twice"]
+
+
+def test_tasks_attempts_must_increase_with_the_token():
+    submits, effects, finals = _good_tasks()
+    effects = [e for e in effects if e.job != 20] + [effect(20, 2, 21, "s2"), effect(20, 1, 25, "s2")]
+    assert task_kinds(submits, effects, finals) == ["attempt-order"]
+    # more claims ran than the cluster counted attempts
+    effects = [e for e in _good_tasks()[1] if e.job != 10] + [effect(10, 1, 11, "s1"), effect(10, 2, 12, "s1")]
+    finals = [final(10, "done", attempt=1, token=12) if f.job == 10 else f for f in finals]
+    assert task_kinds(submits, effects, finals) == ["attempt-order"]
+
+
+def test_tasks_idempotent_resubmit_returning_another_job_is_caught():
+    submits, effects, finals = _good_tasks()
+    submits = submits + [submit("k1", 99, 9, 10, created=False, key="k1")]
+    assert task_kinds(submits, effects, finals) == ["duplicate-job"]
+    # or a second submit of the key reporting it created the job
+    submits = _good_tasks()[0] + [submit("k1", 30, 9, 10, created=True, key="k1")]
+    assert task_kinds(submits, effects, finals) == ["duplicate-job"]
+
+
+def test_tasks_one_submit_that_made_two_jobs_is_caught():
+    submits, effects, finals = _good_tasks()
+    assert task_kinds(submits, effects + [effect(11, 1, 12, "s1")], finals) == ["duplicate-job"]
+
+
+def test_tasks_a_job_nobody_submitted_or_whose_submit_failed_that_ran_is_caught():
+    submits, effects, finals = _good_tasks()
+    assert task_kinds(submits, effects + [effect(60, 1, 61, "s4")], finals) == ["phantom-job"]
+    assert task_kinds(submits, effects + [effect(70, 1, 71, "nobody")], finals) == ["phantom-job"]
+    # found "already there" with no earlier submit of that key
+    assert task_kinds(submits + [submit("k9", 80, created=False, key="k9")], effects, finals) == ["phantom-job"]
+
+
+def test_tasks_acknowledged_job_not_finished_or_unknown_at_the_end_is_caught():
+    submits, effects, finals = _good_tasks()
+    for state in ("queued", "running", "delayed", "cancelled"):
+        assert task_kinds(submits, effects, finals + [final(10, state, t=30)]) == ["unfinished-job"]
+    assert task_kinds(submits, effects, finals + [final(10, "missing", t=30)]) == ["lost-job"]
+    # the latest final status counts: done after an earlier incarnation saw it queued
+    assert task_kinds(submits, effects, [final(10, "queued", t=1)] + finals) == []
+
+
+def test_tasks_done_needs_the_effect_and_result_of_its_last_claim():
+    submits, effects, finals = _good_tasks()
+    without_effect = [final(10, "done", token=12) if f.job == 10 else f for f in finals]
+    assert task_kinds(submits, effects, without_effect) == ["done-without-effect"]
+    stale_result = [final(20, "done", 2, 3, token=25, result_token=21) if f.job == 20 else f for f in finals]
+    assert task_kinds(submits, effects, stale_result) == ["done-without-effect"]
+
+
+def test_tasks_dead_letter_before_the_last_attempt_is_caught():
+    submits, effects, finals = _good_tasks()
+    early = [final(30, "dead", 1, 3, token=31) if f.job == 30 else f for f in finals]
+    assert task_kinds(submits, effects, early) == ["dead-early"]
+
+
+def test_tasks_run_after_the_job_finished_is_caught():
+    submits, effects, finals = _good_tasks()
+    assert task_kinds(submits, effects + [effect(10, 2, 90, "s1")], finals) == ["attempt-order", "effect-after-finish"]
+
+
+# -- events and tasks from the workload's JSON lines -------------------------------------------------------
+
+
+def _events_and_tasks_records():
+    return [
+        _rec(0.0, "n1", 1, "invoke", f="publish", topic="T", ids=["n1/7/1.0"]),
+        _rec(0.1, "n1", 1, "ok", result={"offsets": [0]}),
+        _rec(0.2, "n2", 1, "invoke", f="publish", topic="T", ids=["n2/7/1.0", "n2/7/1.1"]),
+        _rec(0.3, "n2", 1, "ok", result={"offsets": [1, 2]}),
+        _rec(0.4, "n1", 2, "invoke", f="publish", topic="T", ids=["n1/7/2.0"]),   # killed: unknown
+        _rec(0.5, "n3", 1, "invoke", f="subscribe", topic="T", group="g3", sub=1),
+        _rec(0.6, "n3", 1, "ok", result={"position": 0}),
+        _rec(0.7, "n3", 2, "event", f="consume", topic="T", group="g3", sub=1,
+             events=[[0, "n1/7/1.0"], [1, "n2/7/1.0"]]),
+        _rec(0.8, "n3", 3, "event", f="consume", topic="T", group="g3", sub=1, events=[[2, "n2/7/1.1"]]),
+        _rec(1.0, "n1", 3, "invoke", f="submit", handler="h", sid="n1/7/3", key=None, retries=0, fail=0),
+        _rec(1.1, "n1", 3, "ok", result={"job": 40, "created": True}),
+        _rec(1.2, "n2", 4, "event", f="task-effect", job=40, attempt=1, token=41, sid="n1/7/3"),
+        _rec(1.3, "n1", 4, "invoke", f="submit", handler="h", sid="n1/7/k4", key="n1/7/k4", retries=1, fail=9),
+        _rec(1.4, "n1", 4, "ok", result={"job": 44, "created": True}),
+        _rec(1.5, "n3", 4, "event", f="task-effect", job=44, attempt=1, token=45, sid="n1/7/k4"),
+        _rec(1.6, "n1", 5, "invoke", f="submit", handler="h", sid="n1/7/k4", key="n1/7/k4", retries=1, fail=9,
+             resubmit=True),
+        _rec(1.7, "n1", 5, "ok", result={"job": 44, "created": False}),
+        _rec(1.8, "n2", 5, "event", f="task-effect", job=44, attempt=2, token=48, sid="n1/7/k4"),
+        _rec(5.0, "n2", 6, "invoke", f="events-final", topic="T"),
+        _rec(5.1, "n2", 6, "ok", result={"first": 0, "next": 3,
+                                         "events": [[0, "n1/7/1.0"], [1, "n2/7/1.0"], [2, "n2/7/1.1"]]}),
+        _rec(5.2, "n1", 6, "invoke", f="job-final", job=40),
+        _rec(5.3, "n1", 6, "ok", result={"state": "done", "attempt": 1, "max_attempts": 1, "token": 41,
+                                         "result": {"token": 41}}),
+        _rec(5.4, "n1", 7, "invoke", f="job-final", job=44),
+    ]
+
+
+def test_workload_events_and_tasks_records_are_checked(tmp_path):
+    path = tmp_path / "h.jsonl"
+    good = _events_and_tasks_records() + [
+        _rec(5.5, "n1", 7, "ok", result={"state": "dead", "attempt": 2, "max_attempts": 2, "token": 48,
+                                         "result": None})]
+    _write_history(path, good)
+    records = read_records([path])
+    assert [(p.id, p.outcome, p.offset) for p in published_events(records)] == [
+        ("n1/7/1.0", "ok", 0), ("n2/7/1.0", "ok", 1), ("n2/7/1.1", "ok", 2), ("n1/7/2.0", "unknown", None)]
+    assert [len(c.deliveries) for c in consumed_events(records)] == [3]
+    report = check_workload([path])
+    assert report.ok, report.explain()
+    assert report.events["checked"] == 3 and report.tasks["checked"] == 2 and report.tasks["effects"] == 3
+    assert report.counts == {"kv": 0, "events": 7, "tasks": 8}
+    # the same history with the dead-lettered job still queued, and an event lost
+    bad = _events_and_tasks_records() + [
+        _rec(5.5, "n1", 7, "ok", result={"state": "queued", "attempt": 1, "max_attempts": 2, "token": 45})]
+    bad[19] = _rec(5.1, "n2", 6, "ok", result={"first": 0, "next": 2, "events": [[0, "n1/7/1.0"], [1, "n2/7/1.0"]]})
+    _write_history(path, bad)
+    assert sorted(v.kind for v in check_workload([path]).violations) == ["lost-event", "unfinished-job"]
