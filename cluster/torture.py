@@ -159,7 +159,7 @@ class Schedule:
 
 
 def run_schedule(index: int, seed: int, steps: int, out: Path, compose: Path, recovery: float,
-                 interval: str) -> Outcome:
+                 interval: str, keep: bool = False) -> Outcome:
     rng = random.Random(f"{seed}/{index}")
     outcome = Outcome(index)
     directory = out / f"schedule-{index:03d}"
@@ -231,7 +231,7 @@ def run_schedule(index: int, seed: int, steps: int, out: Path, compose: Path, re
                                              "expected": op.expected, "invoke": op.invoke,
                                              "complete": op.complete, "outcome": op.outcome,
                                              "result": dict(op.result or {})}) + "\n")
-    else:
+    elif not keep:
         shutil.rmtree(directory, ignore_errors=True)
     return outcome
 
@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-f", "--file", default=str(REPO_ROOT / "docker-compose.yml"))
     parser.add_argument("--recovery", type=float, default=60.0, help="liveness deadline after the faults stop (s)")
     parser.add_argument("--interval", default="0.05", help="the workload's pause between operations (s)")
+    parser.add_argument("--keep", action="store_true", help="keep every schedule's logs and histories, not only "
+                        "those of violating schedules")
     args = parser.parse_args(argv)
     why = missing_privileges() or missing_nftables()
     if why:
@@ -278,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds: dict[str, int] = {}
     for index in range(args.first, args.first + args.schedules):
         started = time.monotonic()
-        outcome = run_schedule(index, seed, args.steps, out, Path(args.file), args.recovery, args.interval)
+        outcome = run_schedule(index, seed, args.steps, out, Path(args.file), args.recovery, args.interval,
+                               args.keep)
         totals["operations"] += outcome.operations
         totals["faults"] += len(outcome.faults)
         totals["violations"] += len(outcome.violations)

@@ -460,6 +460,11 @@ class Workload:
             self.say(f"configure {TOPIC} -> ok max_events={TOPIC_MAX_EVENTS}")
         return True
 
+    def _request_timeout(self) -> float:
+        """Often shorter than a leader change, so some publishes and submits end unknown
+        (and keyed submits are retried with their key to learn their job)."""
+        return self.random.choice((0.5, 2.0))
+
     def publish(self) -> None:
         if self.published >= self.max_events or not self._topic_ready():
             return
@@ -467,11 +472,12 @@ class Workload:
         ids = [f"{self.name}/{os.getpid()}/{op}.{i}" for i in range(self.random.choice((1, 1, 1, 2, 3)))]
         self.published += len(ids)
         self.history.record(op, "invoke", f="publish", topic=TOPIC, ids=ids)
+        timeout = self._request_timeout()
         try:
             if len(ids) == 1:
-                offsets = [self.events.publish({"id": ids[0]}, timeout=2.0)]
+                offsets = [self.events.publish({"id": ids[0]}, timeout=timeout)]
             else:
-                offsets = self.events.publish_many([{"id": event_id} for event_id in ids], timeout=2.0)
+                offsets = self.events.publish_many([{"id": event_id} for event_id in ids], timeout=timeout)
         except RaftsyncError as exc:
             # publish_many: the chunks before a failed one are published (their offsets)
             published = list(getattr(exc, "published", []) or [])
@@ -603,7 +609,7 @@ class Workload:
                             fail=payload["fail"], **({"resubmit": True} if resubmit else {}))
         try:
             job = self.tasks.submit(JOB_HANDLER, payload, key=key, retries=retries, timeout=JOB_TIMEOUT,
-                                    backoff=JOB_BACKOFF, request_timeout=2.0)
+                                    backoff=JOB_BACKOFF, request_timeout=self._request_timeout())
         except RaftsyncError as exc:
             kind = "fail" if _not_applied(exc) else "unknown"
             self.history.record(op, kind, error=type(exc).__name__)
