@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -34,12 +35,19 @@ class AgentError(Exception):
 
 
 def free_ports(count: int) -> list[int]:
-    """Ports the kernel just handed out on 127.0.0.1 (held together, so distinct)."""
-    sockets = []
+    """Ports free on 127.0.0.1 now, chosen below the kernel's ephemeral range (32768 and
+    up): outgoing connections take ephemeral source ports, and one did take a port handed
+    out here before its node could bind it."""
+    rng = random.SystemRandom()
+    sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
+        while len(sockets) < count:
             sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
+            try:
+                sock.bind(("127.0.0.1", rng.randrange(20000, 32000)))
+            except OSError:
+                sock.close()
+                continue
             sockets.append(sock)
         return [s.getsockname()[1] for s in sockets]
     finally:
