@@ -85,13 +85,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from .codec import MAX_COMMAND_BYTES, Op, Query, Status, encode_query, pack_value, raise_for_status, unpack_value
-from .errors import BadRequest, Compacted, NoQuorum, NotFound, RaftsyncError, Timeout, TooLarge
+from .errors import BadRequest, Compacted, NotFound, RaftsyncError, Timeout, TooLarge
 from .machine.events import (DEFAULT_MAX_BYTES, DEFAULT_MAX_EVENTS, MAX_BATCH_EVENTS, MAX_EVENT_BYTES,
                              READ_MAX_BYTES, READ_MAX_EVENTS, event_bytes)
 from .ownership import check_name
 from .replica import Replica, deadline_after
 from .time import HLCTimestamp, HybridLogicalClock
-from .watch import new_watch_id
+from .watch import iterate_through_outages, new_watch_id
 
 # What one publish command may hold: the codec's limit less the header and topic name,
 # and per event its msgpack framing (array, bin and str headers, the stamp).
@@ -460,13 +460,7 @@ class Subscription:
         return [self._hand_out(self._buffer.popleft()) for _ in range(count)]
 
     def __iter__(self) -> Iterator[Event]:
-        while True:
-            try:
-                yield self.get()
-            except StopIteration:
-                return
-            except NoQuorum:
-                continue  # each get waits quorum_timeout before it says so: no busy loop
+        return iterate_through_outages(self.get)
 
     def _hand_out(self, event: Event) -> Event:
         self._delivered = event.offset + 1

@@ -82,13 +82,7 @@ class WatchStream(Generic[T]):
         return item
 
     def __iter__(self) -> Iterator[T]:
-        while True:
-            try:
-                yield self.get()
-            except StopIteration:
-                return
-            except NoQuorum:
-                continue  # each get waits quorum_timeout before it says so: no busy loop
+        return iterate_through_outages(self.get)
 
     def close(self) -> None:
         if self._closed:
@@ -102,3 +96,15 @@ class WatchStream(Generic[T]):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def iterate_through_outages(get: Callable[[], T]) -> Iterator[T]:
+    """Iterate ``get()`` until it raises StopIteration, waiting through NoQuorum (each get
+    waits quorum_timeout before it says so: no busy loop), as watchers do."""
+    while True:
+        try:
+            yield get()
+        except StopIteration:
+            return
+        except NoQuorum:
+            continue
