@@ -469,6 +469,10 @@ class Subscription:
 
     def _fetch(self, deadline: float, timeout: float | None) -> None:
         """Fill the buffer from this node's replica, waiting for a publish if need be."""
+        # A commit refused before this fetch began is raised now; one refused while it
+        # runs is raised by it only if it has nothing to serve (else by the next fetch),
+        # so what a fetch returns does not depend on how fast its own commit is answered.
+        self._raise_ack_refusal()
         if self._ack == "batch" and self.group is not None and self._delivered is not None:
             # Asking for more: everything handed out so far is done with.
             self._ack_in_background(self._delivered)
@@ -480,12 +484,6 @@ class Subscription:
                 self._rewatch = False
                 self._watch()
             self._wake.clear()
-            with self._ack_lock:
-                refusal, self._ack_refusal = self._ack_refusal, None
-            if refusal is not None:
-                if isinstance(refusal, Compacted):
-                    self.close()
-                raise refusal
             incarnation, first, _, items = self._read(deadline)
             self._check_incarnation(incarnation)
             if self.position < first:
@@ -496,8 +494,17 @@ class Subscription:
                 self._buffer.extend(self._stream._events(self.position, items))
                 self.position += len(items)
                 return
+            self._raise_ack_refusal()
             if not self._replica.wait_for(self._wake, deadline, started):
                 raise Timeout(f"no event on {self.topic!r} within {timeout}s")
+
+    def _raise_ack_refusal(self) -> None:
+        with self._ack_lock:
+            refusal, self._ack_refusal = self._ack_refusal, None
+        if refusal is not None:
+            if isinstance(refusal, Compacted):
+                self.close()
+            raise refusal
 
     def _read(self, deadline: float) -> list[Any]:
         # Without a deadline, an engine silent for quorum_timeout makes this NoQuorum.

@@ -350,7 +350,17 @@ def test_topic_and_group_counts_are_bounded(node):
     refused = stream.subscribe(group="one-too-many", batch_size=1)
     assert refused.get(timeout=5).payload == "fits"
     stream.publish("more")
+    # Make the worst interleaving happen every time: the fetch's own commit is refused
+    # before the fetch reads. The event is served all the same; the refusal comes next.
+    plain_ack = refused._ack_in_background
+
+    def ack_answered_at_once(offset):
+        plain_ack(offset)
+        wait_for(lambda: refused._ack_refusal is not None, 5, "the background commit's refusal")
+
+    refused._ack_in_background = ack_answered_at_once
     assert refused.get(timeout=5).payload == "more"  # served; its fetch's commit is refused
+    refused._ack_in_background = plain_ack
     with pytest.raises(TooLarge):
         refused.get(timeout=5)
     node.events("t0").delete()
