@@ -27,6 +27,8 @@ from typing import Any
 import raftsync.errors as errors
 from raftsync.channel import FrameDecoder, pack_frame
 
+from .stopping import stop_and_wait
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -184,13 +186,20 @@ class NodeProcess:
         return self.process is not None and self.process.poll() is None
 
     def signal_app(self, sig: int) -> None:
-        """Signal the app process only (its engine must notice by itself)."""
+        """Signal the app process only (its engine must notice by itself); a SIGSTOP
+        has taken effect when this returns."""
         if self.pid is not None:
-            os.kill(self.pid, sig)
+            if sig == signal.SIGSTOP:
+                stop_and_wait(self.pid)
+            else:
+                os.kill(self.pid, sig)
 
     def signal_group(self, sig: int) -> None:
-        """Signal app and engine together."""
+        """Signal app and engine together; a SIGSTOP has taken effect when this returns."""
         if self.pid is not None:
+            if sig == signal.SIGSTOP:
+                stop_and_wait(self.pid, group=True)
+                return
             try:
                 os.killpg(self.pid, sig)
             except ProcessLookupError:

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .compose import ComposeProject, Service, load_compose
+from .stopping import stop_and_wait
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = Path(os.environ.get("RAFTSYNC_NETNS_STATE_DIR", "/run/raftsync-netns"))
@@ -479,7 +480,11 @@ class NamespaceCluster:
             time.sleep(0.05)
 
     def pause(self, name: str) -> None:
-        self.signal(name, signal.SIGSTOP)
+        """SIGSTOP the service's process group; every thread is stopped when this returns."""
+        service = self.services[name]
+        if service.process is None:
+            raise RunnerError(f"{name} was never started")
+        stop_and_wait(service.process.pid, group=True)
 
     def resume(self, name: str) -> None:
         self.signal(name, signal.SIGCONT)

@@ -40,3 +40,15 @@ def make_cluster(tmp_path):
 @pytest.fixture
 def cluster(make_cluster):
     return make_cluster(3)
+
+
+@pytest.fixture
+def node(tmp_path):
+    """One ready single-member Node (thread engine) with its state under tmp_path."""
+    from cluster.launcher import free_ports
+    from raftsync import Node
+
+    with Node(f"127.0.0.1:{free_ports(1)[0]}", peers=[], engine="thread", data_dir=tmp_path / "node",
+              session_ttl=3) as member:
+        member.wait_ready(10)
+        yield member

@@ -9,14 +9,6 @@ from raftsync.errors import BadRequest, Closed, ConfigError, NotHeld, TooLarge
 from raftsync.replica import deadline_after
 
 
-@pytest.fixture
-def node(tmp_path):
-    with Node(f"127.0.0.1:{free_ports(1)[0]}", peers=[], engine="thread", data_dir=tmp_path,
-              session_ttl=3) as member:
-        member.wait_ready(10)
-        yield member
-
-
 def test_wrong_types_and_sizes_raise_typed_errors_and_the_node_keeps_serving(node):
     kv = node.data()
     kv.write("keep", b"1")

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from cluster.stopping import stop_and_wait
 from cluster.launcher import free_ports
 from raftsync import Node
 from raftsync.errors import NoQuorum, OutcomeUnknown, RaftsyncError, Timeout
@@ -143,7 +144,7 @@ def test_stalled_engine_with_a_full_channel_still_reports_the_lease_lost_in_time
     node.call("write_flood", name="f", threads=4, size=32 * 1024, seconds=TTL + 3, timeout=2.0)
     wait_for(lambda: node.call("status")["submitted_ops"].get(put_op, 0) >= before + 4, 5, "the writers to start")
     stopped_at = time.monotonic()
-    os.kill(node.engine_pid, signal.SIGSTOP)
+    stop_and_wait(node.engine_pid)
     try:
         wait_for(lambda: events(node, "lost", "h"), TTL + 2, "the lease to be reported lost")
         lost_at = [e[0] for e in node.call("events") if e[1] == "lost" and e[2] == "h"][0]
@@ -170,7 +171,7 @@ def test_observer_on_a_follower_sees_every_term_across_a_snapshot_install(make_c
     for node in (follower, leader):
         node.call("observe_start", name="o", group="g")
     wait_for(lambda: events(follower, "observed", "o") == [None], 5, "the first observation")
-    os.kill(follower.engine_pid, signal.SIGSTOP)
+    stop_and_wait(follower.engine_pid)
     try:
         for round_ in range(4):  # four leaderships, each over before the follower resumes
             for candidate in (leader, other):
@@ -210,7 +211,7 @@ def test_follower_that_installs_a_snapshot_keeps_serving_reads(make_cluster):
     cluster = make_cluster(3, compaction_min_entries=50)
     leader = cluster.leader()
     follower = next(n for n in cluster.nodes if n is not leader)
-    os.kill(follower.engine_pid, signal.SIGSTOP)
+    stop_and_wait(follower.engine_pid)
     try:
         for i in range(200):
             leader.call("kv_write", key=f"s/{i % 20}", value=b"%d" % i)
@@ -305,7 +306,7 @@ def test_calls_without_a_timeout_raise_no_quorum_on_a_stalled_engine(tmp_path):
         node.wait_ready(10)
         kv = node.data()
         kv.write("k", b"v")
-        os.kill(node.engine_pid, signal.SIGSTOP)
+        stop_and_wait(node.engine_pid)
         try:
             for call in (lambda: kv.write("k", b"w", timeout=None), lambda: kv.read("k", timeout=None),
                          lambda: node.lock("l").acquire(timeout=None)):

@@ -8,6 +8,7 @@ import pytest
 
 from tests.integration.util import events, wait_for
 
+from cluster.stopping import stop_and_wait
 from raftsync.errors import NotFound
 
 
@@ -68,7 +69,7 @@ def test_watch_on_a_follower_survives_a_snapshot_install(make_cluster):
     # Pause only the follower's engine (its app and the watch in it keep running) until
     # the leader drops the connection: entries sent while it merely sleeps would wait in
     # its socket buffer, and it would catch up without a snapshot.
-    os.kill(follower.engine_pid, signal.SIGSTOP)
+    stop_and_wait(follower.engine_pid)
     try:
         for i in range(200):
             version, revision = leader.call("kv_write", key=f"s/{i % 20}", value=b"%d" % i)

@@ -6,6 +6,7 @@ import signal
 
 import pytest
 
+from cluster.stopping import stop_and_wait
 from raftsync.errors import OutcomeUnknown
 from raftsync.machine import events as limits
 
@@ -117,7 +118,7 @@ def test_a_subscriber_on_a_follower_misses_nothing_across_a_snapshot_install(mak
     # Pause only the follower's engine until the leader drops it (see the KV watch test),
     # while more publishes apply than the wake-up history keeps: its subscription must
     # re-watch and read by offset.
-    os.kill(follower.engine_pid, signal.SIGSTOP)
+    stop_and_wait(follower.engine_pid)
     try:
         leader.call("events_publish_load", name="p", topic="s", count=limits.HISTORY_MAX_ENTRIES + 100, timeout=10)
         wait_for(lambda: _done(leader, "p"), 60, "the publisher")

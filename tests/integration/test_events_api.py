@@ -15,14 +15,6 @@ from raftsync.replica import deadline_after
 from .util import wait_for
 
 
-@pytest.fixture
-def node(tmp_path):
-    with Node(f"127.0.0.1:{free_ports(1)[0]}", peers=[], engine="thread", data_dir=tmp_path,
-              session_ttl=3) as member:
-        member.wait_ready(10)
-        yield member
-
-
 def test_publish_returns_dense_offsets_and_payloads_come_back_as_published(node):
     stream = node.events("t")
     payloads = [None, True, 7, 2.5, "text", b"\x00bytes", [1, [2]], {"a": {"b": b"c"}, 3: "int key"}]

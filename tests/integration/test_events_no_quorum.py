@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from cluster.stopping import stop_and_wait
 from cluster.launcher import free_ports
 from raftsync import Node
 from raftsync.errors import NoQuorum
@@ -34,7 +35,7 @@ def test_subscription_and_watch_waits_without_a_timeout_raise_no_quorum_on_a_sta
                      threading.Thread(target=first_of, args=(stream.subscribe(), subscriber_got), daemon=True)]
         for thread in iterators:
             thread.start()
-        os.kill(node.engine_pid, signal.SIGSTOP)
+        stop_and_wait(node.engine_pid)
         try:
             for call in (lambda: watch.get(None), lambda: subscription.get(None)):
                 started = time.monotonic()

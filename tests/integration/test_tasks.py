@@ -12,6 +12,7 @@ from collections import Counter
 
 import pytest
 
+from cluster.stopping import stop_and_wait
 from cluster import LocalCluster
 from raftsync.errors import BadRequest, NotFound, TooLarge, UnknownHandler
 from tests.integration.util import events, wait_for
@@ -292,7 +293,7 @@ def test_a_claim_that_ended_in_entries_a_snapshot_skipped_is_revoked_on_the_work
     worker.call("tasks_start", pool=2, handlers=["sleep", "echo"])
     job_id, _ = leader.call("task_submit", name="sleep", payload={"seconds": 60}, timeout=120)
     wait_for(lambda: events(worker, "task_start", "sleep"), 10, "the job to start")
-    os.kill(worker.engine_pid, signal.SIGSTOP)
+    stop_and_wait(worker.engine_pid)
     try:
         assert leader.call("task_cancel", job_id=job_id) is True
         for i in range(120):

@@ -8,18 +8,9 @@ import threading
 
 import pytest
 
-from cluster.launcher import free_ports
-from raftsync import JobFailed, Node, UnknownHandler
+from raftsync import JobFailed, UnknownHandler
 from raftsync.errors import BadRequest, Closed, NotFound, Timeout, TooLarge
 from tests.integration.util import wait_for
-
-
-@pytest.fixture
-def node(tmp_path):
-    with Node(f"127.0.0.1:{free_ports(1)[0]}", peers=[], engine="thread", data_dir=tmp_path,
-              session_ttl=3) as node:
-        node.wait_ready(10)
-        yield node
 
 
 def test_handlers_run_progress_and_status(node):

@@ -11,19 +11,10 @@ import time
 
 import pytest
 
-from cluster.launcher import free_ports
-from raftsync import JobFailed, Node
+from raftsync import JobFailed
 from raftsync.codec import Op, Status
 from raftsync.errors import Timeout
 from tests.integration.util import wait_for
-
-
-@pytest.fixture
-def node(tmp_path):
-    with Node(f"127.0.0.1:{free_ports(1)[0]}", peers=[], engine="thread", data_dir=tmp_path,
-              session_ttl=3) as node:
-        node.wait_ready(10)
-        yield node
 
 
 def registration(tasks, worker_id=None):

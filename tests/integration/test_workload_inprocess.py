@@ -7,21 +7,10 @@ from __future__ import annotations
 import io
 import threading
 
-import pytest
 
 from cluster.history import check_workload, job_finals, read_records, task_submits
-from cluster.launcher import free_ports
-from raftsync import Node
 from raftsync.workload import Workload
 from tests.integration.util import wait_for
-
-
-@pytest.fixture
-def node(tmp_path):
-    with Node(f"127.0.0.1:{free_ports(1)[0]}", peers=[], engine="thread", data_dir=tmp_path / "data",
-              session_ttl=3) as node:
-        node.wait_ready(10)
-        yield node
 
 
 def test_workload_history_of_a_correct_run_passes_every_check(node, tmp_path):
