@@ -21,6 +21,7 @@ from cluster.stopping import stop_and_wait
 from cluster.launcher import free_ports
 from raftsync import Node
 from raftsync.errors import NoQuorum, OutcomeUnknown, RaftsyncError, Timeout
+from raftsync.replica import APP_STALL_LIMIT, ENGINE_SILENCE_LIMIT
 from tests.integration.util import events, wait_for, wait_queued
 
 TTL = 3.0  # the test clusters' session TTL
@@ -53,7 +54,9 @@ def test_try_lock_with_a_lost_reply_returns_the_lease_or_frees_it(cluster):
 
 def test_timed_acquire_outlasted_by_a_lost_reply_returns_the_lease_or_frees_it(cluster):
     a, b, _ = cluster.nodes
-    token = _returns_lease_or_frees_it(a, b, "timed", "lost-reply-timed", timeout=0.5)
+    # 0.9 s: shorter than the first attempt (1 s), so no retry can bring the answer;
+    # the grant notice decides.
+    token = _returns_lease_or_frees_it(a, b, "timed", "lost-reply-timed", timeout=0.9)
     assert token is not None and token > 0
 
 
@@ -104,8 +107,21 @@ def test_release_during_quorum_loss_finishes_once_the_quorum_is_back(make_cluste
     waiter_node, third = cluster.nodes[1], cluster.nodes[2]
     holder.call("lock_acquire", handle="h", name="release-under-loss")
     result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("token", waiter_node.call(
-        "lock_acquire", handle="w", name="release-under-loss", timeout=30)))
+
+    def wait_for_the_lock():
+        # The waiter's node is paused too; if no leader is back within its quorum_timeout
+        # after the resume (reconnects, a split vote), its acquire raises NoQuorum, and it
+        # asks again, as an application would.
+        give_up = time.monotonic() + 30
+        while time.monotonic() < give_up:
+            try:
+                result["token"] = waiter_node.call("lock_acquire", handle="w", name="release-under-loss",
+                                                   timeout=give_up - time.monotonic())
+                return
+            except NoQuorum:
+                continue
+
+    thread = threading.Thread(target=wait_for_the_lock)
     thread.start()
     wait_queued(holder, "release-under-loss", 1)
     _pause(waiter_node)
@@ -126,11 +142,12 @@ def test_release_during_quorum_loss_finishes_once_the_quorum_is_back(make_cluste
         resumed_at = time.monotonic()
         _resume(waiter_node)
         _resume(third)
-    thread.join(10)
+    thread.join(30)
     assert result.get("token", 0) > 0, "the waiter never got the lock the release gave back"
     granted_at = [e[0] for e in waiter_node.call("events") if e[1] == "granted" and e[2] == "w"][0]
-    # A liveness bound (an election may follow the pause), not a performance figure.
-    assert granted_at - resumed_at < 3.0, f"granted {granted_at - resumed_at:.2f}s after the resume"
+    # A liveness bound (reconnects and an election may follow the pause), not a
+    # performance figure: without the background release the lock stays held for good.
+    assert granted_at - resumed_at < 5.0, f"granted {granted_at - resumed_at:.2f}s after the resume"
     waiter_node.call("lock_release", handle="w")
     _check_cluster_serves(cluster, "release-under-loss")
 
@@ -202,7 +219,8 @@ def test_lost_barrier_callback_does_not_wedge_linearizable_reads(cluster):
         assert time.monotonic() - started < 5
     status = follower.call("status")
     assert status["hooks_fired"]["drop_barriers"] == 3
-    assert status["barriers_abandoned"] == 3 and status["pending_reads"] == 0
+    # (A real barrier slower than its 0.5 s deadline on a loaded machine is abandoned too.)
+    assert status["barriers_abandoned"] >= 3 and status["pending_reads"] == 0
     assert follower.call("leader_current", group="nobody") is None
     _check_cluster_serves(cluster, "after-lost-barriers")
 
@@ -314,8 +332,9 @@ def test_calls_without_a_timeout_raise_no_quorum_on_a_stalled_engine(tmp_path):
                 with pytest.raises(NoQuorum):
                     call()
                 # quorum_timeout (2 s), counted from when the engine went silent (1 s)
-                # at the earliest, plus slack
-                assert time.monotonic() - started < 2.0 + 1.0 + 1.5
+                # at the earliest, later by up to the app-stall allowance if this process
+                # was itself starved, plus slack
+                assert time.monotonic() - started < 2.0 + ENGINE_SILENCE_LIMIT + APP_STALL_LIMIT + 2.0
         finally:
             os.kill(node.engine_pid, signal.SIGCONT)
         assert kv.read("k", timeout=10).value in (b"v", b"w")

@@ -264,9 +264,11 @@ def test_retention_by_age_trims_on_the_leaders_clock(node):
     wait_for(lambda: stream.info().first_offset == 2, 10, "events older than max_age to go")
     with pytest.raises(Compacted):
         stream.read(0)
-    assert stream.publish("new") == 2
-    assert stream.read(2)[0].payload == "new"
     assert stream.info().max_age == 0.3
+    # Offsets go on from the trimmed ones (whether "new" is itself trimmed by the time
+    # it is read depends on this machine's speed, so it is not read back).
+    assert stream.publish("new") == 2
+    assert stream.info().next_offset == 3
 
 
 def test_stamps_come_from_the_publishers_clock_and_merge_into_the_consumers(node):

@@ -8,6 +8,7 @@ import pytest
 
 from tests.integration.util import events, wait_for, wait_queued
 
+from raftsync.codec import Op
 from raftsync.errors import LockTimeout, NotHeld
 
 TTL = 3.0
@@ -39,6 +40,11 @@ def test_mutual_exclusion_under_contention_and_fifo_tokens(cluster):
         assert previous[0] < current[0], f"token order differs from grant order {previous} {current}"
 
 
+def _lock_commands_submitted(cluster):
+    lock_ops = (int(Op.LOCK_ACQUIRE), int(Op.LOCK_RELEASE), int(Op.LOCK_WITHDRAW))
+    return sum(node.call("status")["submitted_ops"].get(op, 0) for node in cluster.nodes for op in lock_ops)
+
+
 def test_handoff_with_eight_waiters_costs_constant_commands(cluster):
     a, b, c = cluster.nodes
     first = a.call("lock_acquire", handle="h0", name="fifo")
@@ -52,14 +58,14 @@ def test_handoff_with_eight_waiters_costs_constant_commands(cluster):
         thread.start()
         waiters.append((node, f"w{i}", thread, done))
         wait_queued(a, "fifo", i + 1)
-    before = a.call("status")["machine_index"]
+    before = _lock_commands_submitted(cluster)
     a.call("lock_release", handle="h0")
     node0, handle0, thread0, done0 = waiters[0]
     thread0.join(10)
-    after = a.call("status")["machine_index"]
-    # One release command granted the next waiter; no waiter retried. Allow two
-    # background keepalives that may interleave.
-    assert after - before <= 3, f"hand-off applied {after - before} commands"
+    # One release command granted the next waiter; no waiter retried or re-acquired.
+    # (Counted at the submitting engines: keepalives and barriers are not lock commands.)
+    after = _lock_commands_submitted(cluster)
+    assert after - before == 1, f"hand-off submitted {after - before} lock commands"
     assert done0["token"] > first
     assert all(not node.call("lock_state", handle=h)["held"] for node, h, _, _ in waiters[1:])
     # The rest are served in FIFO order with increasing tokens.
@@ -115,7 +121,8 @@ def test_dead_or_paused_holder_loses_lock_to_waiter(cluster, how):
     granted_at = [e[0] for e in waiter_node.call("events") if e[1] == "granted" and e[2] == "w"][0]
     # Never sooner than TTL after the holder's last keepalive, which was sent at most
     # TTL/3 before the failure.
-    assert granted_at - failed_at >= TTL * 2 / 3
+    # (Keepalives come every TTL/3 plus the engine's tick lag: allow 0.1 s for that.)
+    assert granted_at - failed_at >= TTL * 2 / 3 - 0.1
     if how == "sigstop":
         holder.signal_app(signal.SIGCONT)
         wait_for(lambda: holder.call("lock_state", handle="h")["lost"], 10, "the resumed holder to see its loss")
@@ -136,18 +143,24 @@ def test_partitioned_holder_sees_lost_before_others_resume_then_waiter_wins(clus
     holder, b, c = cluster.nodes
     token = holder.call("lock_acquire", handle="h", name="iso")
     result = {}
+    # The waiter's node is paused about as long as the holder's session lives, so its
+    # own default session may end too when it resumes; the waiter keeps a session that
+    # outlives the pause, since what is under test is the holder's side.
+    b.call("session_open", name="waiter", ttl=30)
     waiter = threading.Thread(target=lambda: _catch(result, lambda: result.setdefault(
-        "token", b.call("lock_acquire", handle="w", name="iso", timeout=60))))
+        "token", b.call("lock_acquire", handle="w", name="iso", timeout=60, session="waiter"))))
     waiter.start()
     wait_queued(b, "iso", 1)
     for node in (b, c):
         node.signal_group(signal.SIGSTOP)
     try:
-        wait_for(lambda: holder.call("lock_state", handle="h")["lost"], TTL + 2.0, "the holder to see its loss")
+        # The "lost" event is recorded by the callback, which runs just after the flag is set.
+        wait_for(lambda: events(holder, "lost", "h"), TTL + 2.0, "the holder to see its loss")
         resume_at = time.monotonic()
     finally:
         for node in (b, c):
             node.signal_group(signal.SIGCONT)
+    assert holder.call("lock_state", handle="h")["lost"]
     lost_at = [e[0] for e in holder.call("events") if e[1] == "lost" and e[2] == "h"][0]
     assert lost_at < resume_at
     waiter.join(60)
@@ -165,9 +178,9 @@ def test_busy_leader_app_causes_no_election_and_others_keep_committing(cluster):
     others = [n for n in cluster.nodes if n is not leader]
     before = leader.call("status")
     session_before = leader.call("session_id")
-    leader.call("burn_cpu", threads=4, seconds=20.0)
+    leader.call("burn_cpu", threads=4, seconds=10.0)
     writes = 0
-    deadline = time.monotonic() + 20.0
+    deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline:
         for node in others:
             node.call("lock_acquire", handle="busy", name=f"cycle-{node.index}", timeout=10)
@@ -178,7 +191,7 @@ def test_busy_leader_app_causes_no_election_and_others_keep_committing(cluster):
     for node in others:
         status = node.call("status")
         assert status["leader"] == leader.address and status["term"] == before["term"]
-    assert writes > 100
+    assert writes > 50
     # The busy app's own session survived: it stayed alive through the burn.
     assert leader.call("session_id") == session_before
     assert not events(leader, "lost", "busy")

@@ -39,8 +39,10 @@ def test_follower_killed_during_writes_catches_up_by_snapshot(make_cluster):
 def test_whole_cluster_sigkilled_mid_load_keeps_acknowledged_writes_and_grants(make_cluster):
     cluster = make_cluster(3, compaction_min_entries=50)
     grants = {}
+    # The grants' own 8 s TTL outlasts the restart below even on a slow machine (the
+    # first new leader gives the dead sessions a fresh TTL before the last node is up).
     for node in cluster.nodes:
-        grants[node.index] = node.call("lock_acquire", handle="h", name=f"held-{node.index}")
+        grants[node.index] = node.call("lock_acquire", handle="h", name=f"held-{node.index}", ttl=8)
     acknowledged = {}
     stop = threading.Event()
 
@@ -81,7 +83,7 @@ def test_whole_cluster_sigkilled_mid_load_keeps_acknowledged_writes_and_grants(m
         assert token == grants[node.index], "an acknowledged lock grant was lost"
     # The restarted nodes' new handles queue behind the old grants and get larger tokens
     # once the dead sessions expire.
-    new_token = cluster.nodes[1].call("lock_acquire", handle="again", name="held-0", timeout=20)
+    new_token = cluster.nodes[1].call("lock_acquire", handle="again", name="held-0", timeout=30)
     assert new_token > grants[0]
 
 

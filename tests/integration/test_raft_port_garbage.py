@@ -249,7 +249,11 @@ def test_garbage_on_the_raft_port_is_dropped_and_writes_keep_committing(cluster)
         # only for the connection timeout.
         def flood():
             socks = _connect(target.address, 200)
-            time.sleep(0.5)
+            # Those over the limit are closed at once; give a slow machine until well
+            # before the connection timeout, which would close the rest anyway.
+            deadline = time.monotonic() + CONNECTION_TIMEOUT - 1.5
+            while sum(_closed_by_peer(s) for s in socks) < 200 - 64 and time.monotonic() < deadline:
+                time.sleep(0.05)
             return socks
 
         socks = phase("flood", flood)
@@ -354,7 +358,9 @@ def test_admin_commands_and_malformed_identities_are_refused(cluster):
             wire.sock.close()
 
     # syncobj_admin's commands, which PySyncObj itself serves to any connection.
-    for command in (["status"], ["transfer", cluster.nodes[0].address], ["set_version", 99]):
+    # (transfer names a follower: a refused transfer leaves the target leading, below)
+    follower = next(node for node in cluster.nodes if node is not target)
+    for command in (["status"], ["transfer", follower.address], ["set_version", 99]):
         attempt(f"admin command {command[0]}", [command])
     # Identities that are no address (upstream raises TypeError for an unhashable one),
     # and a key that is not bytes.
