@@ -1,7 +1,7 @@
 """Raft log replication repaired: a mixin over PySyncObj 0.3.17's ``SyncObj``.
 
-PySyncObj's replication breaks three things this fixes, each in the smallest handler
-that owns it (``_RaftNode(ReplicationFixes, SyncObj)`` in core.py):
+PySyncObj's replication breaks the things below; each is fixed in the smallest
+handler that owns it (``_RaftNode(ReplicationFixes, SyncObj)`` in core.py):
 
 1. A diverged follower can stay behind for good (livelock). The leader advances a
    follower's ``nextIndex`` optimistically on every send and a refusal set it
@@ -31,6 +31,15 @@ that owns it (``_RaftNode(ReplicationFixes, SyncObj)`` in core.py):
    newer snapshot on disk. A snapshot now installs only if it ends after the last
    entry this follower applied; an older one is discarded before it replaces anything
    and the leader is told where this follower is.
+5. A follower dropped acknowledged entries installing a newer snapshot: upstream
+   clears the whole log, also the entries after the snapshot's last one, which this
+   follower may have acknowledged to an earlier leader that counted them towards a
+   commit; a committed entry can then be left on less than a majority and a leader
+   elected without it. Raft (InstallSnapshot rule 6): if the log holds the snapshot's
+   last entry (same index and term), the snapshot is discarded and the log kept; the
+   follower commits up to that entry, applies its own (identical) entries up to it, and
+   the leader resumes right after it. Otherwise it installs as before: a log that lacks
+   that entry or holds another term there has nothing after it that can be committed.
 
 Replies also carry the follower's term, and the leader ignores replies of another
 term (Raft: a response is only meaningful in the term of its request).
@@ -192,27 +201,47 @@ class ReplicationFixes:
         if not isLast:
             serializer.setTransmissionData(serialized)
             return  # more chunks to come (upstream: no reply until the last)
-        # Item 4 of the module doc. Upstream's last chunk completes the snapshot in one
+        # Items 4 and 5 of the module doc. Upstream's last chunk completes the snapshot in one
         # step (file: renames <fullDumpFile>.1.tmp over our own snapshot file; in memory:
         # replaces our snapshot buffer), then __loadDumpFile replaces the state and clears
         # the log whatever the snapshot's point. So the last chunk's data goes in as an
         # ordinary chunk first, and the snapshot is completed only once we know it is
-        # newer than what we applied; an older one would roll us back, and on disk a
-        # restart from it plus a journal that starts later would lose entries.
+        # newer than what we applied and that our log lacks its last entry; an older one
+        # would roll us back, and on disk a restart from it plus a journal that starts
+        # later would lose entries.
         serializer.setTransmissionData((data, isFirst, False))
         if serializer._Serializer__incomingTransmissionFile is None:
             return  # out of sequence or failed to write (upstream logged it): no reply, as upstream
-        snapshotIdx = _received_snapshot_last_index(serializer)
-        if snapshotIdx is None or snapshotIdx <= self._SyncObj__raftLastApplied:
+        snapshotLast = _received_snapshot_last_entry(serializer)
+        if snapshotLast is None:
             _discard_received_snapshot(serializer)
-            if snapshotIdx is None:
-                self._refuse(node)  # the leader sends it again
-                return
+            self._refuse(node)  # the leader sends it again
+            return
+        snapshotIdx, snapshotTerm = snapshotLast
+        if snapshotIdx <= self._SyncObj__raftLastApplied:
+            _discard_received_snapshot(serializer)
             log.info('ignoring a snapshot up to %d from %s: entries up to %d are applied already',
                      snapshotIdx, node, self._SyncObj__raftLastApplied)
             # Our position, as a refusal names it: what we hold that is committed matches
             # this leader's log, so it may count it and resume after it.
             self._reply(node, self._committedIndex() + 1, success=True, reset=False)
+            return
+        # Item 5 of the module doc. Entries after the last applied one are never compacted
+        # away, so if we hold the snapshot's last entry it is in the log here.
+        held = self._SyncObj__getEntries(snapshotIdx, 1)
+        if held and held[0][2] == snapshotTerm:
+            # Same index and term: our log up to it is the leader's (Log Matching), so
+            # applying it reaches the snapshot's state; installing would clear the entries
+            # after it, which we may have acknowledged to a leader that counted them.
+            _discard_received_snapshot(serializer)
+            log.info('a snapshot up to %d from %s ends at an entry this log holds; keeping the log '
+                     'and committing up to it', snapshotIdx, node)
+            # The snapshot is the leader's applied, hence committed, state; the tick applies it.
+            self._raiseCommitIndex(snapshotIdx)
+            # The leader's log starts just before its snapshot's last entry, so it can send
+            # the append after it (prevLogIdx = snapshotIdx); entries we hold past it are
+            # checked there and replaced from the first conflict only (item 2).
+            self._reply(node, snapshotIdx + 1, success=True, reset=False)
             return
         if not serializer.setTransmissionData((b'', False, True)):
             return  # the rename failed (upstream logged it): no reply, as upstream
@@ -301,9 +330,9 @@ class ReplicationFixes:
 # -- a snapshot being received (PySyncObj's Serializer, pysyncobj==0.3.17) ---------------------
 
 
-def _received_snapshot_last_index(serializer):
-    """The index of the last entry of the snapshot received so far (every chunk is in),
-    or None if it cannot be read. Read as upstream's ``Serializer.deserialize`` reads a
+def _received_snapshot_last_entry(serializer):
+    """(index, term) of the last entry of the snapshot received so far (every chunk is
+    in), or None if it cannot be read. Read as upstream's ``Serializer.deserialize`` reads a
     snapshot: gzip'd pickle of (state, last entry, entry before it, cluster), entries as
     (command, index, term). (raftsync sets no custom ``conf.serializer``/``deserializer``.)
     The whole state is unpickled, once more than the install itself does."""
@@ -315,7 +344,8 @@ def _received_snapshot_last_index(serializer):
             incoming.flush()  # the temp file the chunks are written to, still open
             source = open(incoming.name, 'rb')
         with source, gzip.GzipFile(fileobj=source, mode='rb') as unzipped:
-            return pickle.load(unzipped)[1][1]
+            last = pickle.load(unzipped)[1]
+            return last[1], last[2]
     except Exception:
         # Upstream would have put it in place and failed to load it; never let it
         # replace our own snapshot.

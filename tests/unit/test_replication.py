@@ -7,8 +7,9 @@ transport calls), so every interleaving is exact.
 
 import os
 
+import pysyncobj.pickle as pysyncobj_pickle
 import pytest
-from pysyncobj import SyncObjConf
+from pysyncobj import SyncObjConf, replicated
 from pysyncobj.serializer import Serializer
 from pysyncobj.transport import Transport
 
@@ -142,9 +143,10 @@ def test_an_append_of_an_older_term_is_ignored(members):
 # -- follower: installing the leader's snapshot ----------------------------------------------
 
 
-def _snapshot_chunks(directory, last, term, value):
-    """The append_entries a leader sends for its snapshot of the state ``{"value": value}``
-    up to entry ``last``, made and cut in chunks by PySyncObj's own Serializer."""
+def _snapshot_chunks(directory, last, term, value, leader_term=None):
+    """The append_entries a leader (of ``leader_term``, default ``term``) sends for its
+    snapshot of the state ``{"value": value}`` up to entry ``last`` of ``term``, made and
+    cut in chunks by PySyncObj's own Serializer."""
     serializer = Serializer(os.path.join(directory, "leader-snapshot.bin"), 64, False, None, None, None)
     entries = [(NOOP, last - 1, term), (NOOP, last, term)]  # (command, index, term)
     serializer.serialize(({"value": value}, entries[1], entries[0], set()), last - 1)
@@ -153,7 +155,7 @@ def _snapshot_chunks(directory, last, term, value):
     while not chunks or not chunks[-1][2]:
         chunks.append(serializer.getTransmissionData("follower"))
     assert len(chunks) > 2  # several chunks with data, then the empty last one
-    return [{"type": "append_entries", "term": term, "commit_index": last, "serialized": chunk}
+    return [{"type": "append_entries", "term": leader_term or term, "commit_index": last, "serialized": chunk}
             for chunk in chunks]
 
 
@@ -217,6 +219,114 @@ def test_a_snapshot_that_cannot_be_read_replaces_nothing_and_is_asked_for_again(
     assert _own_snapshot(follower) == own_snapshot and os.listdir(data_dir) == ["snapshot.bin"]
     reply = follower.replies()[-1]
     assert not reply["success"] and reply["reset"] and reply["next_node_idx"] == 21
+
+
+class _ValueNode(_RaftNode):
+    """A member whose state is the one value its applied entries set: entry i sets
+    "state at i", which is what a snapshot of ``_snapshot_chunks`` up to i holds."""
+
+    value = None
+
+    @replicated
+    def set_value(self, value):
+        self.value = value
+
+
+def _add_value_entries(member, first, last, term):
+    obj = member.obj
+    func_id = obj._methodToID[obj._getFuncName("set_value")]
+    for idx in range(first, last + 1):
+        command = b"\x00" + pysyncobj_pickle.dumps((func_id, [f"state at {idx}"]))  # REGULAR command
+        obj._SyncObj__raftLog.add(command, idx, term)
+
+
+def _tick(member):
+    """One tick of the member's SyncObj (it applies committed entries there)."""
+    member.obj._onTick(0.0)
+
+
+def _compact(member):
+    """The member snapshots its state at its applied entry and drops the log before it,
+    as PySyncObj's compaction does (synchronously: its conf has useFork=False)."""
+    member.obj._SyncObj__forceLogCompaction = True
+    member.obj._SyncObj__tryLogCompaction()  # writes the snapshot
+    member.obj._SyncObj__tryLogCompaction()  # sees it written, drops the entries before it
+
+
+@pytest.mark.parametrize("on_disk", [True, False], ids=["snapshot-file", "in-memory"])
+def test_a_snapshot_ending_at_an_entry_the_log_holds_keeps_the_entries_after_it(members, tmp_path, on_disk):
+    # This follower holds 2..30 (acknowledged to the leader of term 1) but knows only 10
+    # committed; it applied 10 and compacted there. The leader of term 2 compacted at
+    # its applied entry 20 and sends its snapshot (this follower refused an append).
+    data_dir = tmp_path / "follower"
+    data_dir.mkdir()
+    follower = members(FOLLOWER, term=1, commit=10, cls=_ValueNode, useFork=False,
+                       fullDumpFile=str(data_dir / "snapshot.bin") if on_disk else None)
+    _add_value_entries(follower, 2, 30, term=1)
+    _tick(follower)
+    _compact(follower)
+    assert follower.obj.value == "state at 10" and follower.log[0] == (9, 1)
+    own_snapshot = _own_snapshot(follower)
+
+    for message in _snapshot_chunks(str(tmp_path), 20, 1, "state at 20", leader_term=2):
+        follower.receive(LEADER, message)
+    assert follower.log == [(i, 1) for i in range(9, 31)]  # 21..30 kept
+    assert follower.commit == 20
+    reply = follower.replies()[-1]
+    assert reply["success"] and reply["next_node_idx"] == 21 and reply["term"] == 2
+    assert _own_snapshot(follower) == own_snapshot
+    assert os.listdir(data_dir) == (["snapshot.bin"] if on_disk else [])  # no received temp file left
+
+    _tick(follower)
+    assert follower.obj.raftLastApplied == 20 and follower.obj.value == "state at 20"  # the snapshot's state
+
+
+@pytest.mark.parametrize("on_disk", [True, False], ids=["snapshot-file", "in-memory"])
+def test_a_snapshot_ending_at_an_entry_of_another_term_installs(members, tmp_path, on_disk):
+    data_dir = tmp_path / "follower"
+    data_dir.mkdir()
+    follower = members(FOLLOWER, term=1, commit=10, cls=_ValueNode, useFork=False,
+                       fullDumpFile=str(data_dir / "snapshot.bin") if on_disk else None)
+    _add_value_entries(follower, 2, 30, term=1)  # 11..30 never committed: term 2 rewrote them
+    _tick(follower)
+    for message in _snapshot_chunks(str(tmp_path), 20, 2, "state at 20 of term 2"):
+        follower.receive(LEADER, message)
+    assert follower.obj.value == "state at 20 of term 2" and follower.log == [(19, 2), (20, 2)]
+    assert follower.commit == 20 and follower.obj.raftLastApplied == 20
+    reply = follower.replies()[-1]
+    assert reply["success"] and reply["next_node_idx"] == 21
+
+
+def test_the_leader_resumes_appends_after_a_snapshot_the_follower_kept(members):
+    # Upstream's leader side: after its last snapshot chunk, and on the follower's
+    # reply, it must send the append after the snapshot, not the snapshot again.
+    leader = members(LEADER, term=1, commit=20, cls=_ValueNode, useFork=False)
+    _add_value_entries(leader, 2, 30, term=1)
+    _tick(leader)
+    _compact(leader)  # its log starts at 19, its snapshot ends at 20
+    leader.obj._SyncObj__setCurrentTerm(2, None)
+    leader.obj._SyncObj__onBecomeLeader()  # appends its no-op at 31
+    leader.transport.take()
+    follower = members(FOLLOWER, term=1, commit=5, cls=_ValueNode)
+    _add_value_entries(follower, 2, 25, term=1)  # lacks 26..30: refuses the first append
+
+    leader_node = follower.transport.nodes[LEADER]
+    leader.obj._SyncObj__onNodeConnected(leader.transport.nodes[FOLLOWER])
+    snapshots_sent = 0
+    for _ in range(4):
+        leader.obj._SyncObj__sendAppendEntries()
+        for address, message in leader.transport.take():
+            if address == FOLLOWER:
+                serialized = message.get("serialized")
+                snapshots_sent += bool(serialized and serialized[2])  # its last chunk
+                follower.obj._SyncObj__onMessageReceived(leader_node, message)
+        for _, message in follower.transport.take():
+            leader.receive(FOLLOWER, message)
+    assert snapshots_sent == 1
+    assert follower.log[-13:] == leader.log  # 19..31
+    assert _indices(leader) == (32, 31)
+    _tick(follower)  # the leader's commit index is still 20 (it has not ticked)
+    assert follower.obj.raftLastApplied == 20 and follower.obj.value == "state at 20"
 
 
 # -- leader: handling the follower's reply --------------------------------------------------
