@@ -74,7 +74,8 @@ class DurabilityMixin:
 
     def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:
         # clearJournal=True: a snapshot received from the leader replaces the whole log
-        # (Raft InstallSnapshot); clearing loses nothing the snapshot does not hold.
+        # (Raft InstallSnapshot); replication.py installs one only when our log does not
+        # hold its last entry, so clearing loses nothing that can be committed.
         # clearJournal=False: our own snapshot at start. If the journal still begins
         # before the snapshot point (we died before truncating it), PySyncObj would clear
         # it and lose every entry after the snapshot: trim it to that point first (in
