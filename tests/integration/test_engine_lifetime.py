@@ -5,6 +5,7 @@ its parent's Node. Real processes throughout."""
 import json
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -140,15 +141,17 @@ def _child_main(node, kv, lock):
 
 
 def _wait_exit(pid, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    return "hung"
+    """The child's exit code, or "hung" (then it is killed) if it has not exited in time."""
+    pidfd = os.pidfd_open(pid)  # readable once the process has exited
+    try:
+        exited, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    if not exited:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return "hung"
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 @pytest.mark.parametrize("how", ["os.fork", "multiprocessing"])
