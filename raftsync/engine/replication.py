@@ -40,6 +40,12 @@ handler that owns it (``_RaftNode(ReplicationFixes, SyncObj)`` in core.py):
    follower commits up to that entry, applies its own (identical) entries up to it, and
    the leader resumes right after it. Otherwise it installs as before: a log that lacks
    that entry or holds another term there has nothing after it that can be committed.
+6. A follower could install a snapshot while its own compaction's forked child was
+   still writing an older one; the child's rename then put the older snapshot back on
+   disk, and a restart cleared the journal down to it, losing acknowledged entries
+   (and as a leader it would send that older snapshot). A snapshot is installed only
+   when no such child runs: a running one is killed, the leader asked again, and no
+   new compaction starts until the snapshot is in (at most INSTALL_WAIT_LIMIT).
 
 Replies also carry the follower's term, and the leader ignores replies of another
 term (Raft: a response is only meaningful in the term of its request).
@@ -57,12 +63,16 @@ import gzip
 import io
 import logging
 import os
+import signal
 
 import pysyncobj.pickle as pickle
 from pysyncobj.monotonic import monotonic as monotonicTime
 from pysyncobj.syncobj import _RAFT_STATE
 
 log = logging.getLogger("raftsync.engine.replication")
+
+# How long our own log compaction stays off while a leader's snapshot waits to install.
+INSTALL_WAIT_LIMIT = 30.0
 
 
 class ReplicationFixes:
@@ -243,8 +253,25 @@ class ReplicationFixes:
             # checked there and replaced from the first conflict only (item 2).
             self._reply(node, snapshotIdx + 1, success=True, reset=False)
             return
+        child = serializer._Serializer__pid
+        if child > 0:
+            # Item 6 of the module doc: our own compaction's forked child may still rename
+            # its older snapshot over the one installed here. Stop it (the tick reaps it),
+            # start no new compaction until the leader's snapshot is in, and have the
+            # leader send it again.
+            log.info('stopping our own snapshot writer (pid %d) to install the leader\'s snapshot up to %d',
+                     child, snapshotIdx)
+            try:
+                os.kill(child, signal.SIGKILL)
+            except OSError:
+                pass  # already gone; the tick reaps it
+            self._install_wanted_since = monotonicTime()
+            _discard_received_snapshot(serializer)
+            self._refuse(node)
+            return
         if not serializer.setTransmissionData((b'', False, True)):
             return  # the rename failed (upstream logged it): no reply, as upstream
+        self._install_wanted_since = None
         self._SyncObj__loadDumpFile(clearJournal=True)
         # A loaded snapshot leaves the log as [entry before it, its last entry] with that
         # last entry applied (upstream __loadDumpFile, which logs and swallows failures).
@@ -256,6 +283,21 @@ class ReplicationFixes:
         # The snapshot is the leader's applied, hence committed, state.
         self._raiseCommitIndex(lastIdx)
         self._reply(node, lastIdx + 1, success=True, reset=False)
+
+    _install_wanted_since = None  # monotonic time a snapshot install waited for our compaction
+
+    def _SyncObj__tryLogCompaction(self):
+        # Item 6 of the module doc. While the leader's snapshot waits to be installed, only
+        # reap a compaction child already stopped; a new one (upstream starts one on every
+        # tick while the log is long) would make every resent snapshot wait again. Bounded,
+        # in case the leader never sends it again.
+        since = self._install_wanted_since
+        if since is not None and monotonicTime() - since < INSTALL_WAIT_LIMIT:
+            if self._SyncObj__serializer._Serializer__pid > 0:
+                super()._SyncObj__tryLogCompaction()  # reaps it (and starts nothing this call)
+            return
+        self._install_wanted_since = None
+        super()._SyncObj__tryLogCompaction()
 
     def _raiseCommitIndex(self, index):
         if index > self._SyncObj__raftCommitIndex:

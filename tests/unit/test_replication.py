@@ -5,11 +5,15 @@ it sends, and tests hand messages to its message handler directly (the one the r
 transport calls), so every interleaving is exact.
 """
 
+import gzip
 import os
+import time
 
 import pysyncobj.pickle as pysyncobj_pickle
+import pysyncobj.serializer as pysyncobj_serializer
 import pytest
 from pysyncobj import SyncObjConf, replicated
+from pysyncobj.atomic_replace import atomicReplace as atomic_replace
 from pysyncobj.serializer import Serializer
 from pysyncobj.transport import Transport
 
@@ -62,7 +66,11 @@ class _Member:
         return [message for _, message in self.transport.take()]
 
     def close(self):
-        self.obj.destroy()
+        if not self.closed:
+            self.closed = True
+            self.obj.destroy()
+
+    closed = False
 
 
 @pytest.fixture
@@ -295,6 +303,69 @@ def test_a_snapshot_ending_at_an_entry_of_another_term_installs(members, tmp_pat
     assert follower.commit == 20 and follower.obj.raftLastApplied == 20
     reply = follower.replies()[-1]
     assert reply["success"] and reply["next_node_idx"] == 21
+
+
+def test_a_snapshot_is_not_installed_under_our_own_compactions_rename(members, tmp_path, monkeypatch):
+    # The follower's own compaction forks a child that writes an older snapshot and
+    # renames it into place last. Here the child's rename is held back until after the
+    # leader's snapshot arrived: had that snapshot been installed, the child would put the
+    # older one back over it, and a restart would clear the journal down to it, losing
+    # entries acknowledged after the install.
+    go = tmp_path / "let-the-child-rename"
+    own_tmp = str(tmp_path / "snapshot.bin.tmp")
+
+    def rename_when_let(source, destination):
+        if source == own_tmp:  # in the forked child: our own compaction
+            deadline = time.monotonic() + 10
+            while not go.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)  # the child's only way to hear "go": a file (bounded)
+        return atomic_replace(source, destination)
+
+    monkeypatch.setattr(pysyncobj_serializer, "atomicReplace", rename_when_let)
+    snapshot, journal = str(tmp_path / "snapshot.bin"), str(tmp_path / "journal.bin")
+    follower = members(FOLLOWER, term=1, commit=10, cls=_ValueNode, useFork=True, fullDumpFile=snapshot,
+                       journalFile=journal)
+    _add_value_entries(follower, 2, 15, term=1)
+    _tick(follower)  # applies up to 10
+    follower.obj._SyncObj__forceLogCompaction = True
+    follower.obj._SyncObj__tryLogCompaction()  # forks the child: a snapshot at 10
+    serializer = follower.obj._SyncObj__serializer
+    assert serializer._Serializer__pid > 0
+    chunks = _snapshot_chunks(str(tmp_path), 20, 2, "state at 20 of term 2")  # lacks (20, 2): installs
+    for message in chunks:
+        follower.receive(LEADER, message)
+
+    def child_reaped():
+        deadline = time.monotonic() + 10
+        while serializer._Serializer__pid != 0 and time.monotonic() < deadline:
+            serializer.checkSerializing()  # what the tick does
+            time.sleep(0.01)
+        return serializer._Serializer__pid == 0
+
+    if not follower.replies()[-1]["success"]:  # asked again: the child is stopped first
+        assert child_reaped(), "the compaction child was not stopped"
+        # Until the snapshot is in, the tick starts no new compaction (one would make the
+        # resent snapshot wait again, for as long as the log stays long).
+        follower.obj._SyncObj__forceLogCompaction = True
+        follower.obj._SyncObj__tryLogCompaction()
+        assert serializer._Serializer__pid == 0, "a new compaction started under the awaited install"
+        for message in chunks:  # the leader's next send
+            follower.receive(LEADER, message)
+    assert follower.obj.value == "state at 20 of term 2" and follower.log == [(19, 2), (20, 2)]
+    follower.receive(LEADER, _append(2, 20, 2, _entries(21, 25, 2), commit=20))
+    assert follower.replies()[-1] == {"type": "next_node_idx", "next_node_idx": 26, "reset": False,
+                                      "success": True, "term": 2}
+    go.touch()  # a child still running renames now, after the install
+    assert child_reaped()
+    with gzip.open(snapshot) as on_disk:
+        assert pysyncobj_pickle.load(on_disk)[1][1:] == (20, 2)
+    follower.obj._SyncObj__raftLog.flush()
+    follower.close()
+
+    restarted = members(FOLLOWER, term=2, cls=_ValueNode, useFork=False, fullDumpFile=snapshot, journalFile=journal)
+    restarted.obj._SyncObj__loadDumpFile(clearJournal=False)  # what its first tick does
+    assert restarted.log[-1] == (25, 2), "acknowledged entries lost across the restart"
+    assert restarted.obj.value == "state at 20 of term 2"
 
 
 def test_the_leader_resumes_appends_after_a_snapshot_the_follower_kept(members):
