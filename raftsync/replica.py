@@ -529,19 +529,11 @@ class Replica:
         everything the session held)."""
         answer: tuple[int | None, Any] = (None, None)
         try:
-            attempt = 0
-            while self.serving and (allow_lost or not session.lost.is_set()):
-                deadline = time.monotonic() + self.config.quorum_timeout
-                try:
-                    result, _ = self._exchange(lambda: [Msg.SUBMIT, 0, command], deadline, what, True)
-                except (Timeout, NoQuorum):
-                    attempt += 1
-                    self._backoff(attempt, time.monotonic() + 0.5)
-                    continue
-                except RaftsyncError:
-                    break
-                answer = decode_result(result)
-                break
+            exchanged = self._keep_proposing(
+                session, allow_lost, lambda deadline: self._exchange(lambda: [Msg.SUBMIT, 0, command], deadline,
+                                                                     what, True))
+            if exchanged is not None:
+                answer = decode_result(exchanged[0])
         finally:
             session._end(seq)
             try:
@@ -579,22 +571,30 @@ class Replica:
 
     def _finish_later(self, session: Session, op: int, args: list[Any], what: str, allow_lost: bool,
                       done: Callable[[int | None, Any], None]) -> None:
+        def propose(deadline: float) -> Any:
+            try:
+                return self.submit(session, op, args, deadline, what, allow_lost=allow_lost, settle=done)
+            except OutcomeUnknown:
+                return _SETTLING  # sent: submit's settling carries on and calls done
+
+        answer = self._keep_proposing(session, allow_lost, propose)
+        if answer is not _SETTLING:
+            done(*(answer or (None, None)))
+
+    def _keep_proposing(self, session: Session, allow_lost: bool, propose: Callable[[float], Any]) -> Any:
+        """``propose(deadline)`` (one quorum_timeout each), again after a Timeout or NoQuorum
+        with backoff, while the node serves and, unless ``allow_lost``, the session lives.
+        Its result, or None once it gave up (another error, the session lost, closed)."""
         attempt = 0
         while self.serving and (allow_lost or not session.lost.is_set()):
             try:
-                answer = self.submit(session, op, args, time.monotonic() + self.config.quorum_timeout, what,
-                                     allow_lost=allow_lost, settle=done)
-            except OutcomeUnknown:
-                return  # submit's settling carries on and calls done
+                return propose(time.monotonic() + self.config.quorum_timeout)
             except (Timeout, NoQuorum):
                 attempt += 1
                 self._backoff(attempt, time.monotonic() + 0.5)
-                continue
             except RaftsyncError:
                 break
-            done(*answer)
-            return
-        done(None, None)
+        return None
 
     def submit_engine_command(self, command: bytes, deadline: float, what: str) -> tuple[int, Any]:
         """Propose a session-free command (e.g. OPEN_SESSION); it must be idempotent."""
@@ -660,6 +660,9 @@ class Replica:
         if reply[0] != Msg.RESULT:
             raise BadRequest(f"test hook {name!r} refused by the engine")
         return reply[2]
+
+
+_SETTLING = object()  # _finish_later: the command was sent and is being settled in the background
 
 
 def _ignore_answer(status: int | None, payload: Any) -> None:
