@@ -7,7 +7,7 @@ transport calls), so every interleaving is exact.
 
 import gzip
 import os
-import time
+import select
 
 import pysyncobj.pickle as pysyncobj_pickle
 import pysyncobj.serializer as pysyncobj_serializer
@@ -311,14 +311,12 @@ def test_a_snapshot_is_not_installed_under_our_own_compactions_rename(members, t
     # leader's snapshot arrived: had that snapshot been installed, the child would put the
     # older one back over it, and a restart would clear the journal down to it, losing
     # entries acknowledged after the install.
-    go = tmp_path / "let-the-child-rename"
+    let_rename, go = os.pipe()  # the forked child inherits both ends
     own_tmp = str(tmp_path / "snapshot.bin.tmp")
 
     def rename_when_let(source, destination):
         if source == own_tmp:  # in the forked child: our own compaction
-            deadline = time.monotonic() + 10
-            while not go.exists() and time.monotonic() < deadline:
-                time.sleep(0.01)  # the child's only way to hear "go": a file (bounded)
+            select.select([let_rename], [], [], 10)
         return atomic_replace(source, destination)
 
     monkeypatch.setattr(pysyncobj_serializer, "atomicReplace", rename_when_let)
@@ -336,10 +334,14 @@ def test_a_snapshot_is_not_installed_under_our_own_compactions_rename(members, t
         follower.receive(LEADER, message)
 
     def child_reaped():
-        deadline = time.monotonic() + 10
-        while serializer._Serializer__pid != 0 and time.monotonic() < deadline:
-            serializer.checkSerializing()  # what the tick does
-            time.sleep(0.01)
+        child = serializer._Serializer__pid
+        if child > 0:
+            pidfd = os.pidfd_open(child)  # readable once the child has exited
+            try:
+                select.select([pidfd], [], [], 10)
+            finally:
+                os.close(pidfd)
+            serializer.checkSerializing()  # what the tick does: reaps it
         return serializer._Serializer__pid == 0
 
     if not follower.replies()[-1]["success"]:  # asked again: the child is stopped first
@@ -355,12 +357,14 @@ def test_a_snapshot_is_not_installed_under_our_own_compactions_rename(members, t
     follower.receive(LEADER, _append(2, 20, 2, _entries(21, 25, 2), commit=20))
     assert follower.replies()[-1] == {"type": "next_node_idx", "next_node_idx": 26, "reset": False,
                                       "success": True, "term": 2}
-    go.touch()  # a child still running renames now, after the install
+    os.write(go, b"go")  # a child still running renames now, after the install
     assert child_reaped()
     with gzip.open(snapshot) as on_disk:
         assert pysyncobj_pickle.load(on_disk)[1][1:] == (20, 2)
     follower.obj._SyncObj__raftLog.flush()
     follower.close()
+    os.close(let_rename)
+    os.close(go)
 
     restarted = members(FOLLOWER, term=2, cls=_ValueNode, useFork=False, fullDumpFile=snapshot, journalFile=journal)
     restarted.obj._SyncObj__loadDumpFile(clearJournal=False)  # what its first tick does
