@@ -261,17 +261,24 @@ def _compact(member):
     member.obj._SyncObj__tryLogCompaction()  # sees it written, drops the entries before it
 
 
-@pytest.mark.parametrize("on_disk", [True, False], ids=["snapshot-file", "in-memory"])
-def test_a_snapshot_ending_at_an_entry_the_log_holds_keeps_the_entries_after_it(members, tmp_path, on_disk):
-    # This follower holds 2..30 (acknowledged to the leader of term 1) but knows only 10
-    # committed; it applied 10 and compacted there. The leader of term 2 compacted at
-    # its applied entry 20 and sends its snapshot (this follower refused an append).
+def _follower_applied_to_10_of_30(members, tmp_path, on_disk):
+    """A follower holding entries 2..30 of term 1, 10 of them committed and applied, with
+    its snapshot in a file (``on_disk``) or in memory; returns it and its data dir."""
     data_dir = tmp_path / "follower"
     data_dir.mkdir()
     follower = members(FOLLOWER, term=1, commit=10, cls=_ValueNode, useFork=False,
                        fullDumpFile=str(data_dir / "snapshot.bin") if on_disk else None)
     _add_value_entries(follower, 2, 30, term=1)
     _tick(follower)
+    return follower, data_dir
+
+
+@pytest.mark.parametrize("on_disk", [True, False], ids=["snapshot-file", "in-memory"])
+def test_a_snapshot_ending_at_an_entry_the_log_holds_keeps_the_entries_after_it(members, tmp_path, on_disk):
+    # This follower holds 2..30 (acknowledged to the leader of term 1) but knows only 10
+    # committed; it applied 10 and compacted there. The leader of term 2 compacted at
+    # its applied entry 20 and sends its snapshot (this follower refused an append).
+    follower, data_dir = _follower_applied_to_10_of_30(members, tmp_path, on_disk)
     _compact(follower)
     assert follower.obj.value == "state at 10" and follower.log[0] == (9, 1)
     own_snapshot = _own_snapshot(follower)
@@ -291,12 +298,7 @@ def test_a_snapshot_ending_at_an_entry_the_log_holds_keeps_the_entries_after_it(
 
 @pytest.mark.parametrize("on_disk", [True, False], ids=["snapshot-file", "in-memory"])
 def test_a_snapshot_ending_at_an_entry_of_another_term_installs(members, tmp_path, on_disk):
-    data_dir = tmp_path / "follower"
-    data_dir.mkdir()
-    follower = members(FOLLOWER, term=1, commit=10, cls=_ValueNode, useFork=False,
-                       fullDumpFile=str(data_dir / "snapshot.bin") if on_disk else None)
-    _add_value_entries(follower, 2, 30, term=1)  # 11..30 never committed: term 2 rewrote them
-    _tick(follower)
+    follower, _ = _follower_applied_to_10_of_30(members, tmp_path, on_disk)  # 11..30: term 2 rewrote them
     for message in _snapshot_chunks(str(tmp_path), 20, 2, "state at 20 of term 2"):
         follower.receive(LEADER, message)
     assert follower.obj.value == "state at 20 of term 2" and follower.log == [(19, 2), (20, 2)]
