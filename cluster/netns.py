@@ -449,10 +449,14 @@ class NamespaceCluster:
                 time.sleep(0.05)  # polling the log files: the pollable condition is a line in a file
 
     def signal(self, name: str, sig: int) -> None:
-        """Send ``sig`` to the service's whole process group (app and engine)."""
+        """Send ``sig`` to the service's whole process group (app and engine); a SIGSTOP
+        has taken effect when this returns."""
         service = self.services[name]
         if service.process is None:
             raise RunnerError(f"{name} was never started")
+        if sig == signal.SIGSTOP:
+            stop_and_wait(service.process.pid, group=True)
+            return
         try:
             os.killpg(service.process.pid, sig)
         except ProcessLookupError:
@@ -480,11 +484,7 @@ class NamespaceCluster:
             time.sleep(0.05)
 
     def pause(self, name: str) -> None:
-        """SIGSTOP the service's process group; every thread is stopped when this returns."""
-        service = self.services[name]
-        if service.process is None:
-            raise RunnerError(f"{name} was never started")
-        stop_and_wait(service.process.pid, group=True)
+        self.signal(name, signal.SIGSTOP)
 
     def resume(self, name: str) -> None:
         self.signal(name, signal.SIGCONT)
